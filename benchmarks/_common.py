@@ -1,0 +1,65 @@
+"""Shared plumbing for the benchmark scripts: arguments, sizes, versions, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT.parent / "shared" / "data" / "tiny-imagenet-200"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def parse(description: str, name: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="under 2 minutes, smaller sizes, same JSON keys")
+    p.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="where to write the JSON result")
+    p.add_argument("--data", type=Path, default=TINY, help="Tiny-ImageNet folder (one sub-folder per class)")
+    return p.parse_args()
+
+
+def require_data(path: Path) -> None:
+    if not path.is_dir():
+        raise SystemExit(f"error: benchmark data {path} is missing (expected ../shared/data/tiny-imagenet-200)")
+
+
+def subset_folder(src: Path, n_classes: int, dest: Path) -> Path:
+    """A view of the first n classes of `src` made of symlinks (no copy of the data)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for c in sorted(p.name for p in src.iterdir() if p.is_dir())[:n_classes]:
+        link = dest / c
+        if not link.exists():
+            link.symlink_to(src / c)
+    return dest
+
+
+def versions() -> dict:
+    from oneshot_bench.provenance import package_versions
+
+    v = package_versions()
+    import torch
+
+    v["torch_threads"] = torch.get_num_threads()
+    v["cpu_count"] = os.cpu_count()
+    return v
+
+
+def write(out: Path, payload: dict) -> None:
+    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload, "versions": versions()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in payload.items() if k != "versions"}, indent=2))
+    print(f"wrote {out}")
+
+
+def best_of(fn, repeats: int) -> float:
+    """Minimum wall time of `repeats` calls: the least noisy estimate on a shared machine."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)

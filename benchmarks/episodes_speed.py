@@ -1,0 +1,121 @@
+"""Episode throughput per scorer against a per-episode Python loop, in one run; peak memory.
+
+Ours: `run_episodes` on 10,000 5-way 1-shot 15-query episodes (--quick: 2,000), every scorer
+on identical episodes, vectorised in batches. Reference: the usual few-shot loop, one
+episode at a time (sample with numpy, build prototypes, score), timed on 500 episodes
+(--quick: 200) and compared as episodes/s. Peak memory: the growth of the process's peak
+RSS from before the cache is loaded to the end of the run, in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import parse, require_data, write
+from head_speed import bench_cache
+
+from oneshot_bench.cache import load_cache
+from oneshot_bench.episodes import EpisodeConfig, run_episodes
+from oneshot_bench.head import HeadConfig, load_head, train_head
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _measure(cache_path: str, head_path: str, n: int, q) -> None:
+    before = rss_mb()
+    t = time.perf_counter()
+    run_episodes(EpisodeConfig(cache=Path(cache_path), head=Path(head_path), n_episodes=n, quiet=True))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q.put({"peak_growth_mb": peak - before, "rss_before_mb": before, "seconds": time.perf_counter() - t})
+
+
+def reference_loop(cache, head, n: int, scorer: str) -> float:
+    """Seconds for n episodes scored one by one, as typical few-shot evaluation code does."""
+    rows = cache.rows_with_roles(("unseen",))
+    classes = np.unique(cache.labels[rows])
+    by_class = {c: rows[cache.labels[rows] == c] for c in classes}
+    seen = cache.rows_with_roles(("seen",))
+    mean = cache.features[seen].mean(0)
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for _ in range(n):
+        chosen = rng.choice(classes, 5, replace=False)
+        sup, qry, lab = [], [], []
+        for k, c in enumerate(chosen):
+            pick = rng.choice(by_class[c], 16, replace=False)
+            sup.append(cache.features[pick[0]])
+            qry.append(cache.features[pick[1:]])
+            lab += [k] * 15
+        s, qx = np.stack(sup), np.concatenate(qry)
+        if scorer == "cosine":
+            s = s / np.linalg.norm(s, axis=1, keepdims=True)
+            sc = (qx / np.linalg.norm(qx, axis=1, keepdims=True)) @ s.T
+        elif scorer == "l2":
+            sc = -((qx[:, None, :] - s[None]) ** 2).sum(-1)
+        elif scorer == "cl2n":
+            f = lambda z: (z - mean) / np.linalg.norm(z - mean, axis=-1, keepdims=True)
+            sc = -((f(qx)[:, None, :] - f(s)[None]) ** 2).sum(-1)
+        else:
+            with torch.inference_mode():
+                qt, st = torch.from_numpy(qx), torch.from_numpy(s)
+                sc = torch.sigmoid(head(qt.repeat_interleave(5, 0), st.repeat(len(qt), 1))).view(len(qt), 5).numpy()
+        (sc.argmax(1) == np.array(lab)).mean()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    args = parse(__doc__.splitlines()[0], "episodes_speed")
+    require_data(args.data)
+    cache = bench_cache(args.data, args.quick)
+    head_path = cache.path.with_name(cache.path.stem + "-head.pt")
+    if not head_path.exists():
+        train_head(HeadConfig(cache=cache.path, out=head_path, epochs=3, quiet=True))
+    head, _ = load_head(head_path)
+    n = 2000 if args.quick else 10_000
+    n_ref = 200 if args.quick else 500
+    report = run_episodes(EpisodeConfig(cache=cache.path, head=head_path, n_episodes=n, quiet=True))
+    per = {}
+    for r in report["results"]:
+        ref_s = reference_loop(cache, head, n_ref, r["scorer"])
+        ours_eps, ref_eps = r["n_episodes"] / r["wall_s"], n_ref / ref_s
+        per[r["scorer"]] = {"seconds": r["wall_s"], "episodes_per_s": ours_eps, "accuracy": r["accuracy"], "ci95": r["ci95"],
+                            "reference_episodes_per_s": ref_eps, "reference_seconds_for_n_ref": ref_s, "ratio": ours_eps / ref_eps}
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(str(cache.path), str(head_path), n, q))
+    proc.start()
+    mem = q.get()
+    proc.join()
+    feature_mb = cache.features.nbytes / 2**20
+    limit = 2 * feature_mb + 300
+    targets = {"ratio_min": 50, "cosine_s_max": 1.0, "pair_head_s_max": 2.0, "peak_mb_max": limit}
+    meets = (all(v["ratio"] >= 50 for v in per.values()) and per["cosine"]["seconds"] < 1.0
+             and per["pair-head"]["seconds"] < 2.0 and mem["peak_growth_mb"] < limit)
+    write(args.out, {
+        "benchmark": "episodes_speed",
+        "quick": args.quick,
+        "sizes": {"n_episodes": n, "n_reference_episodes": n_ref, "n_way": 5, "n_shot": 1, "n_query": 15,
+                  "cache_images": int(len(cache.labels)), "unseen_classes": int((cache.class_roles == "unseen").sum()),
+                  "feature_mb": feature_mb},
+        "figure": "episodes/s per scorer (vectorised run_episodes)",
+        "value": {k: v["episodes_per_s"] for k, v in per.items()},
+        "reference": {"name": "per-episode Python loop, episodes/s", "value": {k: v["reference_episodes_per_s"] for k, v in per.items()}},
+        "ratio": {k: v["ratio"] for k, v in per.items()},
+        "scorers": per,
+        "memory": {**mem, "feature_mb": feature_mb, "limit_mb": limit},
+        "target": targets,
+        "meets_target": bool(meets),
+    })
+
+
+if __name__ == "__main__":
+    main()

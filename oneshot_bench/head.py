@@ -1,0 +1,430 @@
+"""The pair head and its training on cached features (`train-head`).
+
+The head says whether two images show the same class (1) or not (0). Its embedding MLP is
+per image, so a batch embeds each image once and forms all its pairs from those
+embeddings; scoring a query against K supports costs O(K x hidden) after that.
+
+Also here: the balanced pair sampler, shared with `finetune --objective pairs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oneshot_bench.errors import OneShotBenchError
+from oneshot_bench.progress import Progress
+from oneshot_bench.provenance import (
+    HEAD_KIND,
+    canonical_json,
+    check_writable,
+    load_checkpoint,
+    package_versions,
+    save_checkpoint,
+    sha256_text,
+    to_jsonable,
+)
+from oneshot_bench.stats import roc_auc
+
+log = logging.getLogger(__name__)
+
+HEAD_KINDS = ("siamese-l1", "siamese-mix")
+
+
+class PairHead(nn.Module):
+    """Same-class classifier on (d,) features.
+
+    siamese-l1 (the seed project's): e = MLP(x) = dropout(relu(W x)) with d -> hidden,
+    logit = w . |e1 - e2| + b.  siamese-mix: [|e1 - e2|, e1 * e2] -> hidden/2 -> 1.
+    Inputs are L2-normalised and scaled by sqrt(d) first, so the head does not depend on
+    the trunk's feature scale.
+    """
+
+    def __init__(self, dim: int = 512, kind: str = "siamese-l1", hidden: int = 128, dropout: float = 0.3) -> None:
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            raise OneShotBenchError(f"unknown head {kind!r}; use {' or '.join(HEAD_KINDS)}")
+        self.dim, self.kind, self.hidden, self.dropout_p = dim, kind, hidden, dropout
+        self.embedding = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        if kind == "siamese-l1":
+            self.combine = nn.Linear(hidden, 1)
+        else:
+            self.combine = nn.Sequential(nn.Linear(2 * hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "kind": self.kind, "hidden": self.hidden, "dropout": self.dropout_p}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) float32 features -> (..., hidden) embeddings."""
+        x = F.normalize(x, dim=-1) * math.sqrt(self.dim)
+        return self.embedding(x)
+
+    def pair_logits(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+        """Embeddings (..., hidden) twice (broadcastable) -> (...) logits."""
+        diff = (e1 - e2).abs()
+        if self.kind == "siamese-l1":
+            return self.combine(diff).squeeze(-1)
+        e1, e2 = torch.broadcast_tensors(e1, e2)
+        return self.combine(torch.cat([diff.expand_as(e1), e1 * e2], dim=-1)).squeeze(-1)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Features (n, d) twice -> (n,) logits, embedding each side separately."""
+        return self.pair_logits(self.embed(x1), self.embed(x2))
+
+
+# --- pairs ------------------------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    """images: (b,) rows of the feature/image array embedded once for this batch;
+    i, j: (m,) positions into `images`; y: (m,) float32, 1 = same class."""
+
+    images: np.ndarray
+    i: np.ndarray
+    j: np.ndarray
+    y: np.ndarray
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.y)
+
+
+def sample_pair_batches(
+    labels: np.ndarray,
+    rows: np.ndarray,
+    pairs_per_class: int,
+    rng: np.random.Generator,
+    group_size: int = 5,
+    groups_per_batch: int = 32,
+    neighbors: np.ndarray | None = None,
+) -> list[PairBatch]:
+    """One epoch of balanced same/different pairs among `rows`.
+
+    labels: (n,) int class of every row of the array; rows: (r,) rows allowed (e.g. seen
+    train images: nothing else is ever sampled). Each class contributes up to
+    `pairs_per_class` positive pairs (from random groups of `group_size` of its images) and as
+    many negative pairs anchored on its images, so positives equal negatives and every class
+    appears in both. No unordered pair appears twice in an epoch. A batch holds
+    `groups_per_batch` groups; its negatives pair images of the batch, so each image is
+    embedded once per batch. neighbors: optional (n, k) rows of nearest other-class images;
+    when given, half of the negatives take the partner from the anchor's neighbours.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    n_total = len(labels)
+    classes = np.unique(labels[rows])
+    if len(classes) < 2:
+        raise OneShotBenchError("pair training needs at least two classes with images")
+    used: set[int] = set()
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (members, pos_a, pos_b)
+    for c in classes:
+        members = rows[labels[rows] == c]
+        n_c = len(members)
+        if n_c < 2:
+            continue
+        max_pos = n_c * (n_c - 1) // 2
+        n_pos = min(pairs_per_class, max_pos)
+        g = n_c if (n_c <= group_size or 2 * n_pos > max_pos) else group_size
+        tri_a, tri_b = np.triu_indices(g, 1)
+        got = 0
+        while got < n_pos:
+            perm = rng.permutation(members)
+            n_groups = n_c // g
+            for grp in perm[: n_groups * g].reshape(n_groups, g):
+                a, b = grp[tri_a], grp[tri_b]
+                keys = np.minimum(a, b) * n_total + np.maximum(a, b)
+                fresh = np.array([k not in used for k in keys.tolist()], dtype=bool)
+                a, b, keys = a[fresh][: n_pos - got], b[fresh][: n_pos - got], keys[fresh][: n_pos - got]
+                if len(a) == 0:
+                    continue
+                used.update(keys.tolist())
+                groups.append((grp, a, b))
+                got += len(a)
+                if got >= n_pos:
+                    break
+    order = rng.permutation(len(groups))
+    batches = []
+    for start in range(0, len(order), groups_per_batch):
+        chosen = [groups[k] for k in order[start : start + groups_per_batch]]
+        batches.append(_batch_with_negatives(chosen, labels, rows, rng, used, n_total, neighbors))
+    return batches
+
+
+def _batch_with_negatives(chosen, labels, rows, rng, used, n_total, neighbors) -> PairBatch:
+    members = np.unique(np.concatenate([m for m, _, _ in chosen]))
+    pos_a = np.concatenate([a for _, a, _ in chosen])
+    pos_b = np.concatenate([b for _, _, b in chosen])
+    # each group anchors as many negatives as it has positives, cycling over its images
+    anchors = np.concatenate([np.resize(rng.permutation(m), len(a)) for m, a, _ in chosen])
+    partner_pool = members
+    if len(np.unique(labels[members])) < 2:
+        partner_pool = rows  # a batch of one class: take partners from the whole epoch pool
+    neg_a, neg_b = _draw_negatives(anchors, partner_pool, labels, rng, used, n_total, neighbors)
+    if len(neg_a) < len(pos_a):  # rare: duplicates could not be avoided; keep the batch balanced
+        keep = rng.permutation(len(pos_a))[: len(neg_a)]
+        pos_a, pos_b = pos_a[keep], pos_b[keep]
+    images = np.unique(np.concatenate([members, neg_b]))
+    a = np.concatenate([pos_a, neg_a])
+    b = np.concatenate([pos_b, neg_b])
+    y = np.concatenate([np.ones(len(pos_a), np.float32), np.zeros(len(neg_a), np.float32)])
+    return PairBatch(images, np.searchsorted(images, a), np.searchsorted(images, b), y)
+
+
+def _draw_negatives(anchors, pool, labels, rng, used, n_total, neighbors, tries: int = 8):
+    n = len(anchors)
+    partners = np.full(n, -1, dtype=np.int64)
+    hard = np.zeros(n, dtype=bool)
+    if neighbors is not None:
+        hard[rng.permutation(n)[: n // 2]] = True
+    pending = np.arange(n)
+    out_a, out_b = [], []
+    for attempt in range(tries):
+        if len(pending) == 0:
+            break
+        cand = pool[rng.integers(0, len(pool), len(pending))]
+        if neighbors is not None:
+            h = hard[pending]
+            if h.any():
+                nb = neighbors[anchors[pending[h]]]
+                cand[h] = nb[np.arange(len(nb)), rng.integers(0, nb.shape[1], len(nb))]
+        ok = labels[cand] != labels[anchors[pending]]
+        keys = np.minimum(anchors[pending], cand) * n_total + np.maximum(anchors[pending], cand)
+        for k_pos, (p, c, key, good) in enumerate(zip(pending.tolist(), cand.tolist(), keys.tolist(), ok.tolist())):
+            if good and key not in used:
+                used.add(key)
+                partners[p] = c
+        pending = np.flatnonzero(partners < 0)
+        if attempt == tries // 2:
+            hard[pending] = False  # fall back to random partners for stubborn anchors
+    done = partners >= 0
+    return anchors[done], partners[done]
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """train-head options. pairs_per_class counts positives (as many negatives follow)."""
+
+    cache: Path = Path("cache/features.h5")
+    out: Path = Path("cache/head.pt")
+    head: str = "siamese-l1"
+    hidden: int = 128
+    dropout: float = 0.3
+    pairs_per_class: int = 250
+    negatives: str = "random"
+    hard_k: int = 10
+    epochs: int = 30
+    patience: int = 5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    group_size: int = 5
+    groups_per_batch: int = 32
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class EpochMetrics:
+    loss: float
+    accuracy: float
+    auc: float
+    scores: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    targets: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+def _epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, stream])
+
+
+def _evaluate_pairs(head: PairHead, features: torch.Tensor, batches: list[PairBatch]) -> EpochMetrics:
+    head.eval()
+    logits, ys = [], []
+    with torch.inference_mode():
+        for b in batches:
+            emb = head.embed(features[torch.from_numpy(b.images)])
+            logits.append(head.pair_logits(emb[torch.from_numpy(b.i)], emb[torch.from_numpy(b.j)]))
+            ys.append(torch.from_numpy(b.y))
+    logit, y = torch.cat(logits), torch.cat(ys)
+    loss = F.binary_cross_entropy_with_logits(logit, y).item()
+    prob = torch.sigmoid(logit).numpy()
+    return EpochMetrics(loss, float(((prob > 0.5) == (y.numpy() > 0.5)).mean()), roc_auc(prob, y.numpy()), prob, y.numpy())
+
+
+def hard_neighbors(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) int64: for each row in `rows`, its k nearest other-class rows (cosine, FAISS)."""
+    from oneshot_bench.retrieval import knn_inner_product
+
+    x = features[rows].astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+    _, idx = knn_inner_product(x, x, min(len(rows), 4 * k + 1))
+    out = np.zeros((len(labels), k), dtype=np.int64)
+    for local, r in enumerate(rows.tolist()):
+        cand = rows[idx[local]]
+        cand = cand[(labels[cand] != labels[r])][:k]
+        if len(cand) == 0:
+            cand = rows[labels[rows] != labels[r]][:k]
+        out[r] = np.resize(cand, k)
+    return out
+
+
+def train_head(cfg: HeadConfig) -> Path:
+    """Train the pair head on the seen classes' train images of a cache; write a checkpoint."""
+    from oneshot_bench.cache import load_cache
+
+    if cfg.negatives not in ("random", "hard"):
+        raise OneShotBenchError(f"--negatives {cfg.negatives!r} must be random or hard")
+    if cfg.pairs_per_class < 1 or cfg.epochs < 1:
+        raise OneShotBenchError("--pairs-per-class and --epochs must be positive")
+    check_writable(Path(cfg.out))
+    cache = load_cache(cfg.cache)
+    seen = np.flatnonzero(cache.class_roles == "seen")
+    if len(seen) < 2:
+        raise OneShotBenchError(f"cache {cfg.cache} has {len(seen)} seen classes; the head needs at least 2")
+    train_rows = np.flatnonzero(np.isin(cache.labels, seen) & (cache.image_split == "train"))
+    val_rows = np.flatnonzero(np.isin(cache.labels, seen) & (cache.image_split == "val"))
+    result = fit_head(cache.features, cache.labels, train_rows, val_rows, cfg)
+    meta = {
+        "kind": HEAD_KIND,
+        "head": result.head.config(),
+        "config": to_jsonable(cfg),
+        "seed": cfg.seed,
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "final_val": result.final_val,
+        "val_score_histogram": result.histogram,
+        "cache": str(cfg.cache),
+        "cache_fingerprint": cache.fingerprint,
+        "cache_data_fingerprint": cache.attrs["data_fingerprint"],
+        "feature_space": cache.feature_space,
+        "feature_space_sha256": cache.attrs["feature_space_sha256"],
+        "n_train_images": int(len(train_rows)),
+        "n_val_images": int(len(val_rows)),
+        "versions": package_versions(),
+        "wall_s": result.wall_s,
+    }
+    save_checkpoint(Path(cfg.out), HEAD_KIND, meta, {"head": result.head.state_dict()})
+    return Path(cfg.out)
+
+
+@dataclass
+class FitResult:
+    head: PairHead
+    history: list[dict]
+    best_epoch: int
+    final_val: dict
+    histogram: dict
+    wall_s: float
+
+
+def fit_head(features: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, cfg: HeadConfig) -> FitResult:
+    """Train on pairs among `train_rows` only; early-stop on pairs among `val_rows`.
+
+    features: (n, d) float32; labels: (n,) int64. Rows outside train_rows/val_rows are never
+    read: only the two subsets are copied into the trainer.
+    """
+    t0 = time.perf_counter()
+    train_x = torch.from_numpy(np.ascontiguousarray(features[train_rows], dtype=np.float32))
+    train_y = labels[train_rows]
+    local_train = np.arange(len(train_rows))
+    neighbors = hard_neighbors(train_x.numpy(), train_y, local_train, cfg.hard_k) if cfg.negatives == "hard" else None
+    val_x = torch.from_numpy(np.ascontiguousarray(features[val_rows], dtype=np.float32))
+    val_y = labels[val_rows]
+    val_batches = []
+    if len(val_rows) and len(np.unique(val_y)) >= 2:
+        val_batches = sample_pair_batches(
+            val_y, np.arange(len(val_rows)), cfg.pairs_per_class, _epoch_rng(cfg.seed, 0, 1), cfg.group_size, cfg.groups_per_batch
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = PairHead(features.shape[1], cfg.head, cfg.hidden, cfg.dropout)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    best_loss, best_epoch, best_state, stale = math.inf, -1, None, 0
+    with Progress("train-head", total=cfg.epochs, quiet=cfg.quiet, unit="epoch") as bar:
+        for epoch in range(cfg.epochs):
+            te = time.perf_counter()
+            batches = sample_pair_batches(
+                train_y, local_train, cfg.pairs_per_class, _epoch_rng(cfg.seed, epoch, 0), cfg.group_size, cfg.groups_per_batch, neighbors
+            )
+            head.train()
+            total, correct, count = 0.0, 0, 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout masks, reproducible per epoch
+                for b in batches:
+                    emb = head.embed(train_x[torch.from_numpy(b.images)])
+                    logit = head.pair_logits(emb[torch.from_numpy(b.i)], emb[torch.from_numpy(b.j)])
+                    y = torch.from_numpy(b.y)
+                    loss = F.binary_cross_entropy_with_logits(logit, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * len(y)
+                    correct += int(((logit.detach() > 0) == (y > 0.5)).sum())
+                    count += len(y)
+            row = {"epoch": epoch, "train_loss": total / count, "train_accuracy": correct / count, "train_pairs": count}
+            if val_batches:
+                m = _evaluate_pairs(head, val_x, val_batches)
+                row.update(val_loss=m.loss, val_accuracy=m.accuracy, val_auc=m.auc)
+            row["wall_s"] = time.perf_counter() - te
+            history.append(row)
+            monitor = row.get("val_loss", row["train_loss"])
+            if monitor < best_loss - 1e-6:
+                best_loss, best_epoch, stale = monitor, epoch, 0
+                best_state = {k: v.clone() for k, v in head.state_dict().items()}
+            else:
+                stale += 1
+            status = f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} auc {row['val_auc']:.3f}" if val_batches else f"loss {row['train_loss']:.4f}"
+            bar.advance(1, status=status)
+            log.info("head epoch %d: %s", epoch, status)
+            if stale >= cfg.patience:
+                break
+    head.load_state_dict(best_state)
+    head.eval()
+    final_val, histogram = {}, {}
+    if val_batches:
+        m = _evaluate_pairs(head, val_x, val_batches)
+        final_val = {"loss": m.loss, "accuracy": m.accuracy, "auc": m.auc, "n_pairs": len(m.targets)}
+        edges = np.linspace(0, 1, 41)
+        histogram = {
+            "edges": edges.tolist(),
+            "same": np.histogram(m.scores[m.targets > 0.5], edges)[0].tolist(),
+            "different": np.histogram(m.scores[m.targets < 0.5], edges)[0].tolist(),
+        }
+    return FitResult(head, history, best_epoch, final_val, histogram, time.perf_counter() - t0)
+
+
+def load_head(path: Path) -> tuple[PairHead, dict]:
+    """Read a head checkpoint; returns the head in eval mode and its metadata."""
+    meta, tensors = load_checkpoint(Path(path), HEAD_KIND)
+    cfg = meta["head"]
+    head = PairHead(cfg["dim"], cfg["kind"], cfg["hidden"], cfg["dropout"])
+    head.load_state_dict(tensors["head"])
+    head.eval()
+    return head, meta
+
+
+def check_feature_space(head_meta: dict, head_path: Path, cache_attrs: dict, cache_path: Path) -> None:
+    """Refuse a head on a cache of another feature space (trunk, image size, norm, dtype)."""
+    if head_meta["feature_space_sha256"] == cache_attrs["feature_space_sha256"]:
+        return
+    hs, cs = head_meta["feature_space"], cache_attrs["feature_space"]
+    diffs = [k for k in sorted(set(hs) | set(cs)) if hs.get(k) != cs.get(k)]
+    desc = "; ".join(f"{k}: head {_short(hs.get(k))} vs cache {_short(cs.get(k))}" for k in diffs)
+    raise OneShotBenchError(f"head {head_path} belongs to another feature space than cache {cache_path} ({desc})")
+
+
+def _short(v) -> str:
+    s = canonical_json(v) if isinstance(v, (dict, list)) else str(v)
+    return s[:12] if len(s) == 64 else s[:60]
+
+

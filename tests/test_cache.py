@@ -1,0 +1,143 @@
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SHARED_TINY, write_folder
+from oneshot_bench.cache import EncodeConfig, embed_images, encode, load_cache, read_attrs
+from oneshot_bench.cli import app
+from oneshot_bench.data import DataConfig, open_source
+from oneshot_bench.errors import OneShotBenchError
+from oneshot_bench.splits import SplitConfig
+from oneshot_bench.trunk import TrunkConfig, build_trunk, dataset_normalization
+
+runner = CliRunner()
+
+
+def _cfg(root, out, **kw):
+    return EncodeConfig(data=DataConfig(dataset=f"folder:{root}"), split=SplitConfig("ratio:0.5"),
+                        trunk=TrunkConfig(weights="none"), out=out, batch_size=8, chunk_size=16, quiet=True, **kw)
+
+
+def test_encode_round_trip_is_exact(folder_data, tmp_path):
+    out = encode(_cfg(folder_data, tmp_path / "c.h5"))
+    cache = load_cache(out)
+    index = open_source(DataConfig(dataset=f"folder:{folder_data}"))
+    imgs = index.load(None, 16)
+    assert cache.features.shape == (48, 512) and cache.features.dtype == np.float32
+    assert list(cache.source_ids) == list(imgs.source_ids)
+    assert np.array_equal(cache.labels, imgs.labels)
+    trunk = build_trunk(TrunkConfig(weights="none"))
+    seen_train = cache.image_split == "train"
+    norm = dataset_normalization(imgs.images[seen_train])
+    import torch
+
+    expect = embed_images(trunk.model.to(memory_format=torch.channels_last), imgs.images, norm, 8)
+    assert np.array_equal(cache.features, expect)  # bit-exact through HDF5
+    attrs = read_attrs(out)
+    assert attrs["feature_space"]["image_size"] == 16 and attrs["trunk_sha256"] == trunk.sha256
+    assert set(cache.class_roles) == {"seen", "unseen"} and set(cache.image_split) == {"train", "val", ""}
+    assert attrs["data_fingerprint"] and attrs["versions"]["torch"]
+
+
+def test_killed_encode_leaves_no_complete_file_and_resumes_exactly(folder_data, tmp_path):
+    full = encode(_cfg(folder_data, tmp_path / "full.h5"))
+    out = tmp_path / "resumed.h5"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_chunk(n_done):
+        if n_done >= 16:
+            raise Killed
+
+    with pytest.raises(Killed):
+        encode(_cfg(folder_data, out), on_chunk=kill_after_first_chunk)
+    assert not out.exists()
+    partial = out.with_name(out.name + ".partial")
+    assert partial.exists()
+    with pytest.raises(OneShotBenchError, match="incomplete"):
+        read_attrs(partial)
+    with h5py.File(partial, "r") as f:
+        assert f.attrs["n_done"] == 16
+    seen = []
+    encode(_cfg(folder_data, out), on_chunk=seen.append)
+    assert seen[0] == 32  # resumed after the first chunk, not from zero
+    assert not partial.exists()
+    assert np.array_equal(load_cache(out).features, load_cache(full).features)
+
+
+def test_float16_option(folder_data, tmp_path):
+    out = encode(_cfg(folder_data, tmp_path / "h.h5", dtype="float16"))
+    with h5py.File(out) as f:
+        assert f["features"].dtype == np.float16
+    full = load_cache(encode(_cfg(folder_data, tmp_path / "f.h5")))
+    assert np.allclose(load_cache(out).features, full.features, rtol=2e-3, atol=1e-3)
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_exit_2(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_cli_encode_and_info(folder_data, tmp_path):
+    out = tmp_path / "c.h5"
+    r = _cli("encode", "--dataset", f"folder:{folder_data}", "--weights", "none", "--split", "ratio:0.5", "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    info = json.loads(_cli("info", out).output)
+    assert info["roles"]["seen"]["classes"] == 3 and info["roles"]["unseen"]["images"] == 24
+    assert info["shapes"]["features"] == [48, 512]
+
+
+def test_cli_error_paths(folder_data, tmp_path):
+    _one_line_exit_2(_cli("encode", "--dataset", "cifar100", "--data-root", tmp_path / "none", "--weights", "none", "-q"),
+                     "cifar-100-python", "--download")
+    _one_line_exit_2(_cli("encode", "--dataset", f"folder:{folder_data}", "--split", "ratio:2", "--weights", "none", "-q"), "ratio")
+    _one_line_exit_2(_cli("encode", "--dataset", f"folder:{folder_data}", "--weights", "resnet99", "-q"), "unknown --weights")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if not __import__("os").access(locked, __import__("os").W_OK):  # root ignores permissions
+        _one_line_exit_2(_cli("encode", "--dataset", f"folder:{folder_data}", "--weights", "none", "--out", locked / "c.h5", "-q"), "cannot write")
+    _one_line_exit_2(_cli("encode", "--dataset", f"folder:{folder_data}", "--weights", "none", "--out", tmp_path, "-q"), "is a directory")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.zeros(3)
+    _one_line_exit_2(_cli("info", foreign), "not an oneshot-bench cache")
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    _one_line_exit_2(_cli("episodes", "--cache", corrupt, "-q"), "not a readable HDF5")
+    _one_line_exit_2(_cli("info", tmp_path / "missing.pt"), "does not exist")
+
+
+def test_imagenet_weights_offline_error(monkeypatch, tmp_path, folder_data):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _one_line_exit_2(_cli("encode", "--dataset", f"folder:{folder_data}", "--weights", "imagenet", "-q"),
+                     "ImageNet weights not found", "--download", "--weights none")
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not SHARED_TINY.is_dir(), reason="../shared/data/tiny-imagenet-200 is absent")
+def test_real_tiny_imagenet_three_classes(tmp_path):
+    root = tmp_path / "tiny3"
+    root.mkdir()
+    classes = sorted(p.name for p in SHARED_TINY.iterdir() if p.is_dir())[:3]
+    for c in classes:
+        (root / c).symlink_to(SHARED_TINY / c)  # a view, never a copy
+    cfg = EncodeConfig(data=DataConfig(dataset=f"folder:{root}", image_size=32), split=SplitConfig("ratio:0.67"),
+                       trunk=TrunkConfig(weights="none"), out=tmp_path / "t.h5", quiet=True)
+    cache = load_cache(encode(cfg))
+    assert cache.features.shape == (450, 512)
+    assert cache.class_names == classes and np.all(np.bincount(cache.labels) == 150)
+    assert cache.attrs["n_skipped"] == 0 and np.isfinite(cache.features).all()

@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_folder
+from oneshot_bench.cache import prepare_data
+from oneshot_bench.cli import app
+from oneshot_bench.data import DataConfig
+from oneshot_bench.errors import OneShotBenchError
+from oneshot_bench.finetune import FinetuneConfig, StemCache, Trainer, finetune, freeze
+from oneshot_bench.head import PairHead
+from oneshot_bench.provenance import TRUNK_KIND, load_checkpoint
+from oneshot_bench.splits import SplitConfig
+from oneshot_bench.trunk import TrunkConfig, build_trunk, dataset_normalization
+
+runner = CliRunner()
+
+
+def _cfg(root, out, **kw):
+    base = dict(data=DataConfig(dataset=f"folder:{root}"), split=SplitConfig("ratio:0.67", val_fraction=0.25),
+                trunk=TrunkConfig(weights="none"), out=out, epochs=2, batch_size=16, pairs_per_class=20, quiet=True)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+@pytest.fixture
+def data6(tmp_path):
+    return write_folder(tmp_path / "imgs", n_classes=6, per_class=12, size=16)
+
+
+def test_frozen_layers_and_bn_statistics_unchanged(data6, tmp_path):
+    init = build_trunk(TrunkConfig(weights="none")).model.state_dict()
+    meta, t = load_checkpoint(finetune(_cfg(data6, tmp_path / "t.pt", train_from="layer4")), TRUNK_KIND)
+    state = t["trunk"]
+    frozen = [k for k in state if not k.startswith("layer4.")]
+    assert any("running_mean" in k for k in frozen)
+    for k in frozen:
+        assert torch.equal(state[k], init[k]), k  # weights and BN running stats, bit for bit
+    assert any(not torch.equal(state[k], init[k]) for k in state if k.startswith("layer4."))
+    assert meta["stem_cache"] is True and meta["augment"] is False
+
+
+def test_pair_loss_falls_and_val_accuracy_rises(tmp_path):
+    root = write_folder(tmp_path / "imgs", n_classes=8, per_class=30, size=16)
+    meta, _ = load_checkpoint(finetune(_cfg(root, tmp_path / "t.pt", split=SplitConfig("ratio:1", val_fraction=0.25),
+                                            train_from="all", epochs=4, lr=0.05, augment=False, pairs_per_class=40)), TRUNK_KIND)
+    h = meta["history"]
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert max(r["val_accuracy"] for r in h) > 0.8  # chance is 0.5 on balanced pairs
+
+
+def test_stem_cache_gives_the_same_loss_as_the_plain_path(data6):
+    trunk = build_trunk(TrunkConfig(weights="none"))
+    cfg = FinetuneConfig(train_from="layer3", augment=False)
+    prepared = prepare_data(DataConfig(dataset=f"folder:{data6}"), SplitConfig("ratio:1"), trunk)
+    images = prepared.images.images
+    norm = dataset_normalization(images)
+    model = trunk.model.to(memory_format=torch.channels_last)
+    freeze(model, "layer3")
+    model.eval()
+    head = PairHead(512, dropout=0.0)
+    labels = prepared.images.labels
+    stem = StemCache(model, "layer3", images, norm, None, 1 << 30)
+    idx = np.arange(0, 24)
+    pairs = (np.array([0, 1, 2]), np.array([1, 13, 5]), np.array([1.0, 0.0, 1.0], dtype=np.float32))
+    cached = Trainer(cfg, model, head, norm, images, labels, stem).batch_loss(idx, pairs, None)[0]
+    plain = Trainer(cfg, model, head, norm, images, labels, None).batch_loss(idx, pairs, None)[0]
+    assert torch.allclose(cached, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_checkpoint_resume_and_best_epoch(data6, tmp_path):
+    cfg_a = _cfg(data6, tmp_path / "a.pt", train_from="layer3", epochs=3, objective="classes")
+    _, ta = load_checkpoint(finetune(cfg_a), TRUNK_KIND)
+    _, tb = load_checkpoint(finetune(_cfg(data6, tmp_path / "b.pt", train_from="layer3", epochs=3, objective="classes")), TRUNK_KIND)
+    assert all(torch.equal(ta["trunk"][k], tb["trunk"][k]) for k in ta["trunk"])
+    # a run stopped after epoch 2 and resumed for the third gives the same checkpoint
+    from oneshot_bench import finetune as ft
+
+    calls = {"n": 0}
+    original = ft._save_partial
+
+    def stop_after_two(*args, **kw):
+        original(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    out_c = tmp_path / "c.pt"
+    ft._save_partial = stop_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(_cfg(data6, out_c, train_from="layer3", epochs=3, objective="classes"))
+    finally:
+        ft._save_partial = original
+    assert not out_c.exists() and out_c.with_name("c.pt.partial").exists()
+    meta_c, tc = load_checkpoint(finetune(_cfg(data6, out_c, train_from="layer3", epochs=3, objective="classes")), TRUNK_KIND)
+    assert all(torch.equal(ta["trunk"][k], tc["trunk"][k]) for k in ta["trunk"])
+    losses = [r["val_loss"] for r in meta_c["history"]]
+    assert meta_c["best_epoch"] == int(np.argmin(losses))
+
+
+def test_unseen_classes_are_never_read(tmp_path):
+    root = write_folder(tmp_path / "imgs", n_classes=6, per_class=10, size=16)
+    split = SplitConfig("ratio:0.5", val_fraction=0.2)
+    cfg = dict(data=DataConfig(dataset=f"folder:{root}"), split=split, trunk=TrunkConfig(weights="none"),
+               epochs=1, batch_size=16, pairs_per_class=10, train_from="layer4", quiet=True)
+    _, before = load_checkpoint(finetune(FinetuneConfig(out=tmp_path / "a.pt", **cfg)), TRUNK_KIND)
+    from oneshot_bench.data import open_source
+    from oneshot_bench.splits import class_roles
+
+    index = open_source(DataConfig(dataset=f"folder:{root}"))
+    roles = class_roles(index, split)
+    for sid, label in zip(index.source_ids, index.labels):
+        if roles[label] == "unseen":
+            (root / sid).write_bytes(b"destroyed")  # any read of these would be reported and change nothing else
+    meta, after = load_checkpoint(finetune(FinetuneConfig(out=tmp_path / "b.pt", **cfg)), TRUNK_KIND)
+    assert all(torch.equal(before["trunk"][k], after["trunk"][k]) for k in before["trunk"])
+    assert set(meta["classes_read"]) == set(np.flatnonzero(roles == "seen").tolist())
+
+
+def test_finetune_checkpoint_feeds_encode(data6, tmp_path):
+    ckpt = finetune(_cfg(data6, tmp_path / "t.pt", train_from="layer4", epochs=1))
+    r = runner.invoke(app, ["encode", "--dataset", f"folder:{data6}", "--weights", str(ckpt), "--split", "ratio:0.67",
+                            "--out", str(tmp_path / "c.h5"), "-q"])
+    assert r.exit_code == 0, r.output
+    from oneshot_bench.cache import read_attrs
+
+    meta, _ = load_checkpoint(ckpt, TRUNK_KIND)
+    attrs = read_attrs(tmp_path / "c.h5")
+    assert attrs["trunk_sha256"] == meta["trunk_sha256"] and attrs["feature_space"]["normalization"] == meta["normalization"]
+
+
+def test_finetune_errors(data6, tmp_path):
+    base = ["finetune", "--dataset", f"folder:{data6}", "--weights", "none", "-q", "--out", str(tmp_path / "t.pt")]
+    for args, needle in (
+        (["--train-from", "layer9"], "unknown --train-from"),
+        (["--objective", "triplets"], "unknown --objective"),
+        (["--out", str(tmp_path)], "is a directory"),
+    ):
+        r = runner.invoke(app, base + args)
+        assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    tiny = write_folder(tmp_path / "tiny", n_classes=4, per_class=1, size=16)
+    r = runner.invoke(app, ["finetune", "--dataset", f"folder:{tiny}", "--weights", "none", "-q", "--split", "ratio:0.5",
+                            "--out", str(tmp_path / "u.pt")])
+    assert r.exit_code == 2 and "has 1 readable images; the split needs at least 2" in r.output, r.output
