@@ -42,6 +42,7 @@ from oneshot_bench.provenance import (
     fingerprint_arrays,
     package_versions,
     sha256_text,
+    stage_identity,
     to_jsonable,
 )
 from oneshot_bench.splits import SplitConfig, check_class_sizes, class_roles, image_split
@@ -171,8 +172,8 @@ def encode(cfg: EncodeConfig, on_chunk: Callable[[int], None] | None = None) -> 
     imgs = prepared.images
     data_fp = fingerprint_arrays(np.array(prepared.index.class_names, dtype=object), imgs.labels, imgs.source_ids)
     space = feature_space(trunk, prepared.image_size, norm, cfg.dtype)
-    config_json = canonical_json({k: v for k, v in to_jsonable(cfg).items() if k not in ("out", "quiet")})
-    encode_key = sha256_text(config_json + data_fp + trunk.sha256)
+    config_json = canonical_json(to_jsonable(cfg))
+    encode_key = sha256_text(canonical_json(stage_identity(cfg)) + data_fp + trunk.sha256)
     if out.exists():
         try:
             with h5py.File(out, "r") as f:

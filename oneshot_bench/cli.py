@@ -313,8 +313,24 @@ def info(file: Annotated[Path, typer.Argument(help="A cache (.h5), checkpoint (.
     typer.echo(json.dumps(describe(file), indent=2, default=str))
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. Usage errors (unknown option, bad value) are one line and exit 2 too."""
+    import sys
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        # typer vendors click privately: recognise its usage errors by their interface
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            message = exc.format_message()
+            if message:  # empty for "no arguments: help was shown"
+                typer.echo(f"error: {message}", err=True)
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

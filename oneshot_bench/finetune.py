@@ -36,6 +36,7 @@ from oneshot_bench.provenance import (
     package_versions,
     save_checkpoint,
     sha256_text,
+    stage_identity,
     state_dict_sha256,
     to_jsonable,
 )
@@ -235,7 +236,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     data_fp = fingerprint_arrays(
         np.array(prepared.index.class_names, dtype=object), prepared.images.labels, prepared.images.source_ids, prepared.split
     )
-    key = sha256_text(canonical_json({k: v for k, v in to_jsonable(cfg).items() if k not in ("out", "quiet")}) + data_fp + trunk.sha256)
+    key = sha256_text(canonical_json(stage_identity(cfg)) + data_fp + trunk.sha256)
     params = [p for p in list(trainer.model.parameters()) + list(trainer.extra.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     state = _resume_state(out, key, trainer, opt)

@@ -25,7 +25,7 @@ from oneshot_bench.provenance import (
     config_hash,
     load_checkpoint,
     package_versions,
-    to_jsonable,
+    stage_identity,
 )
 from oneshot_bench.report import build_report, write_report
 from oneshot_bench.splits import SplitConfig
@@ -86,7 +86,7 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
     weights = cfg.trunk.weights
     if cfg.do_finetune:
         ft = dataclasses.replace(cfg.finetune, data=cfg.data, split=cfg.split, trunk=cfg.trunk, quiet=cfg.quiet)
-        key = config_hash([_strip(ft, "out", "quiet"), data_fp])
+        key = config_hash([stage_identity(ft), data_fp])
         ft = dataclasses.replace(ft, out=out_dir / f"finetune-{key}.pt")
         stages.append(_stage("finetune", ft.out, lambda: finetune(ft)))
         weights = str(ft.out)
@@ -95,14 +95,14 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
         trunk_id = weights
     enc_trunk = dataclasses.replace(cfg.trunk, weights=weights)
     enc = EncodeConfig(data=cfg.data, split=cfg.split, trunk=enc_trunk, dtype=cfg.dtype, quiet=cfg.quiet)
-    key = config_hash([_strip(enc, "out", "quiet", "trunk"), _strip(enc_trunk, "weights"), trunk_id, data_fp])
+    key = config_hash([stage_identity(enc, drop=("weights",)), trunk_id, data_fp])
     enc = dataclasses.replace(enc, out=out_dir / f"cache-{key}.h5")
     stages.append(_stage("encode", enc.out, lambda: encode(enc)))
     cache_attrs = read_attrs(enc.out)
     cache_fp = cache_attrs["data_fingerprint"] + cache_attrs["feature_space_sha256"]
 
     hc = dataclasses.replace(cfg.head, cache=enc.out, quiet=cfg.quiet)
-    key = config_hash([_strip(hc, "cache", "out", "quiet"), cache_fp])
+    key = config_hash([stage_identity(hc, drop=("cache",)), cache_fp])
     hc = dataclasses.replace(hc, out=out_dir / f"head-{key}.pt")
     stages.append(_stage("train-head", hc.out, lambda: train_head(hc)))
     head_key = key
@@ -119,7 +119,7 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
             n_episodes=cfg.n_episodes if protocol == "episodes" else cfg.seed_protocol_episodes,
             seed=cfg.episode_seed, protocol=protocol, scorers=cfg.scorers, candidates=cfg.candidates, quiet=cfg.quiet,
         )
-        key = config_hash([_strip(ec, "cache", "head", "json_out", "per_episode_out", "quiet", "workers", "batch_size"), cache_fp, head_key])
+        key = config_hash([stage_identity(ec, drop=("cache", "head", "batch_size")), cache_fp, head_key])
         path = out_dir / f"episodes-{protocol}-{n_way or 'all'}w{n_shot}s-{key}.json"
         per_ep = path.with_name(path.stem + ".per_episode.json")
         ec = dataclasses.replace(ec, json_out=path, per_episode_out=per_ep)
@@ -136,13 +136,6 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
     report = build_report(cfg, stages, results, package_versions())
     write_report(report, out_dir)
     return report
-
-
-def _strip(obj, *names: str) -> dict:
-    d = to_jsonable(obj)
-    for n in names:
-        d.pop(n, None)
-    return d
 
 
 __all__ = ["RunConfig", "run_pipeline"]

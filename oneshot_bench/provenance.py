@@ -68,6 +68,27 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+_NOT_IDENTITY = ("out", "quiet", "download", "json_out", "per_episode_out", "workers", "batch_size_episodes")
+
+
+def stage_identity(obj: Any, drop: tuple[str, ...] = ()) -> Any:
+    """A config as JSON, less what cannot change a stage's result (output paths, progress
+    bars, permission to download, the CIFAR root of a folder data set). Keys stages by content."""
+    d = to_jsonable(obj)
+
+    def walk(x):
+        if isinstance(x, dict):
+            out = {k: walk(v) for k, v in x.items() if k not in _NOT_IDENTITY and k not in drop}
+            if str(out.get("dataset", "")).startswith("folder:"):
+                out.pop("data_root", None)
+            return out
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(d)
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
 

@@ -81,3 +81,16 @@ def test_run_offline_error_says_how_to_run_locally(tmp_path):
     assert r.exit_code == 2
     first = r.output.strip().splitlines()[0]
     assert "--download" in first and "folder:PATH" in first
+
+
+def test_usage_errors_are_one_line_exit_2(capsys):
+    import pytest
+
+    from oneshot_bench.cli import main
+
+    for argv in (["episodes", "--n-way", "five"], ["encode", "--no-such-option"], ["frobnicate"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
