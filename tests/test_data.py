@@ -120,3 +120,25 @@ def test_image_split_seeded_per_image_and_fraction(folder_data):
     keep = index.labels == np.flatnonzero(roles == "seen")[0]
     s3 = image_split(index.labels[keep], index.source_ids[keep], roles, cfg)
     assert list(s3) == list(s1[keep])
+
+
+def test_cifar10_reader_official_layout(tmp_path):
+    import pickle
+
+    from conftest import class_images
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        imgs, labels = class_images(rng, 10, 1, 32)
+        with open(base / name, "wb") as fh:
+            pickle.dump({"data": imgs.transpose(0, 3, 1, 2).reshape(10, 3072), "labels": labels.tolist(),
+                         "filenames": [f"{name}_{i}.png" for i in range(10)], "batch_label": name}, fh)
+    with open(base / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": names, "num_cases_per_batch": 10}, fh)
+    index = open_source(DataConfig(dataset="cifar10", data_root=tmp_path))
+    assert index.class_names == names and len(index.labels) == 60 and np.all(index.counts() == 6)
+    assert index.source_ids[0] == "train/0" and index.source_ids[49] == "train/49" and index.source_ids[50] == "test/0"
+    assert index.superclass is None
