@@ -24,11 +24,14 @@ from oneshot_bench.splits import SplitConfig
 from oneshot_bench.trunk import TrunkConfig
 
 RECIPE = dict(stem="nomaxpool", train_from="all", lr=0.1, batch_size=128, label_smoothing=0.0, augment=True)
-EPOCHS = {"classes": 24, "pairs": 15}
+# objective -> (epochs, mixup alpha); "classes-nomixup" is the ablation of mixup
+SETTINGS = {"classes": ("classes", 26, 0.4), "pairs": ("pairs", 15, 0.0), "classes-nomixup": ("classes", 24, 0.0)}
+QUICK = {"classes": ("classes", 1, 0.4), "pairs": ("pairs", 1, 0.0), "classes-nomixup": ("classes", 1, 0.0)}
 REFERENCE_PLAIN_CE = {"five_way_one_shot": 0.405, "five_way_five_shot": 0.566, "source": "issue #3, 20 epochs, measured by the issue author"}
 
 
-def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int, weights_none_only: bool = False) -> dict:
+def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int, weights_none_only: bool = False,
+        mixup: float = 0.0) -> dict:
     cfg = RunConfig(
         data=DataConfig(dataset=f"folder:{data}", image_size=32),
         split=SplitConfig("ratio:0.8", seed=0),
@@ -37,7 +40,7 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
         do_finetune=not weights_none_only,
         finetune=FinetuneConfig(objective=objective, train_from=RECIPE["train_from"], epochs=epochs, lr=RECIPE["lr"],
                                 batch_size=RECIPE["batch_size"], label_smoothing=RECIPE["label_smoothing"],
-                                augment=RECIPE["augment"], seed=0),
+                                augment=RECIPE["augment"], mixup=mixup, seed=0),
         head=HeadConfig(seed=0),
         n_way=(5,), n_shot=(1, 5), n_query=15, n_episodes=n_episodes, scorers=("cosine",), quiet=True,
     )
@@ -50,7 +53,8 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
     return {
         "five_way_one_shot": acc["5w1s"],
         "five_way_five_shot": acc["5w5s"],
-        "train_wall_s": ft.get("wall_s"),
+        "train_wall_s": ft.get("train_wall_s"),
+        "mixup": mixup,
         "epochs_run": len(ft.get("history", [])),
         "best_epoch": ft.get("best_epoch"),
         "run_dir": str(out_dir),
@@ -60,19 +64,21 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
 def main() -> None:
     args = parse(__doc__.splitlines()[0], "finetune_accuracy")
     require_data(args.data)
-    data, n_episodes, epochs, tag = args.data, 2000, EPOCHS, "tiny32"
+    data, n_episodes, settings, tag = args.data, 2000, SETTINGS, "tiny32"
     if args.quick:
         data = subset_folder(args.data, 30, Path(tempfile.mkdtemp()) / "tiny30")
-        n_episodes, epochs, tag = 300, {"classes": 1, "pairs": 1}, "tiny32-quick"
+        n_episodes, settings, tag = 300, QUICK, "tiny32-quick"
     runs = ROOT / "cache" / "runs"
     random_weights = run("classes", data, runs / f"{tag}-random", 1, n_episodes, weights_none_only=True)
-    results = {obj: run(obj, data, runs / f"{tag}-{obj}", epochs[obj], n_episodes) for obj in ("classes", "pairs")}
+    results = {name: run(obj, data, runs / f"{tag}-{name}", epochs, n_episodes, mixup=mixup)
+               for name, (obj, epochs, mixup) in settings.items()}
     best = results["classes"]["five_way_one_shot"]["accuracy"]
     write(args.out, {
         "benchmark": "finetune_accuracy",
         "quick": args.quick,
         "sizes": {"classes": 30 if args.quick else 200, "split": "ratio:0.8 seed 0", "image_size": 32,
-                  "n_episodes": n_episodes, "n_query": 15, "scorer": "cosine", "epochs": epochs},
+                  "n_episodes": n_episodes, "n_query": 15, "scorer": "cosine",
+                  "epochs": {k: v[1] for k, v in settings.items()}, "mixup": {k: v[2] for k, v in settings.items()}},
         "recipe": RECIPE,
         "figure": "5-way 1-shot cosine accuracy, objective classes",
         "value": best,

@@ -130,6 +130,7 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip. Default: on unless --train-from layer4. Augmenting turns the frozen-stem cache off.")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the classes objective.")] = 0.0,
+    mixup: Annotated[float, typer.Option(help="Mixup alpha for the classes objective with augmentation; 0 = off.")] = 0.0,
     pairs_per_class: Annotated[int, typer.Option(help="Positive pairs per class and epoch (as many negatives), pairs objective.")] = 250,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -139,7 +140,7 @@ def finetune(
     data, sp, trunk = _data_cfgs(dataset, data_root, download, split, seen, seed, val_fraction, image_size, weights, stem)
     cfg = FinetuneConfig(data=data, split=sp, trunk=trunk, out=out.resolve(), objective=objective, train_from=train_from,
                          epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         augment=augment, label_smoothing=label_smoothing, pairs_per_class=pairs_per_class, seed=seed, quiet=quiet)
+                         augment=augment, label_smoothing=label_smoothing, mixup=mixup, pairs_per_class=pairs_per_class, seed=seed, quiet=quiet)
     path = run(cfg)
     typer.echo(f"wrote {path}")
 
@@ -255,6 +256,7 @@ def run(
     batch_size: Annotated[int, typer.Option(help="finetune: images per batch.")] = 128,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="finetune: random crop + flip (default: on unless layer4).")] = None,
     label_smoothing: Annotated[float, typer.Option(help="finetune: label smoothing (classes objective).")] = 0.0,
+    mixup: Annotated[float, typer.Option(help="finetune: mixup alpha (classes objective); 0 = off.")] = 0.0,
     dtype: Annotated[str, typer.Option(help="encode: float32 or float16.")] = "float32",
     head: Annotated[str, typer.Option(help="train-head: siamese-l1 or siamese-mix.")] = "siamese-l1",
     pairs_per_class: Annotated[int, typer.Option(help="train-head: positive pairs per class and epoch.")] = 250,
@@ -281,7 +283,7 @@ def run(
     cfg = RunConfig(
         data=data, split=sp, trunk=trunk, out_dir=(out_dir or CACHE / "runs" / name).resolve(), do_finetune=not skip_finetune,
         finetune=FinetuneConfig(objective=objective, train_from=train_from, epochs=epochs, patience=patience, lr=lr,
-                                batch_size=batch_size, augment=augment, label_smoothing=label_smoothing, seed=seed),
+                                batch_size=batch_size, augment=augment, label_smoothing=label_smoothing, mixup=mixup, seed=seed),
         dtype=dtype,
         head=HeadConfig(head=head, pairs_per_class=pairs_per_class, negatives=negatives, epochs=head_epochs,
                         patience=head_patience, lr=head_lr, seed=seed),

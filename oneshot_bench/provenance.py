@@ -71,6 +71,11 @@ def to_jsonable(obj: Any) -> Any:
 _NOT_IDENTITY = ("out", "quiet", "download", "json_out", "per_episode_out", "workers", "batch_size_episodes")
 
 
+# Options added after artefacts already existed: at their "off" value they are left out of a
+# stage's identity, so that artefacts made before the option existed keep their keys.
+_OFF_VALUES = {"mixup": 0.0}
+
+
 def stage_identity(obj: Any, drop: tuple[str, ...] = ()) -> Any:
     """A config as JSON, less what cannot change a stage's result (output paths, progress
     bars, permission to download, the CIFAR root of a folder data set). Keys stages by content."""
@@ -78,7 +83,8 @@ def stage_identity(obj: Any, drop: tuple[str, ...] = ()) -> Any:
 
     def walk(x):
         if isinstance(x, dict):
-            out = {k: walk(v) for k, v in x.items() if k not in _NOT_IDENTITY and k not in drop}
+            out = {k: walk(v) for k, v in x.items()
+                   if k not in _NOT_IDENTITY and k not in drop and not (k in _OFF_VALUES and v == _OFF_VALUES[k])}
             if str(out.get("dataset", "")).startswith("folder:"):
                 out.pop("data_root", None)
             return out

@@ -32,7 +32,8 @@ def build_report(cfg, stages, results: list[dict], versions: dict) -> dict:
         entry = {"path": str(rec.path), "reused": rec.reused, "seconds_this_run": rec.seconds}
         if rec.name == "finetune":
             meta, _ = load_checkpoint(rec.path, TRUNK_KIND)
-            entry.update(wall_s=meta["wall_s"], history=meta["history"], best_epoch=meta["best_epoch"],
+            train_s = meta.get("train_wall_s", sum(h["train_s"] + h["val_s"] for h in meta["history"]))
+            entry.update(wall_s=meta["wall_s"], train_wall_s=train_s, history=meta["history"], best_epoch=meta["best_epoch"],
                          trunk_sha256=meta["trunk_sha256"], data_fingerprint=meta["data_fingerprint"])
         elif rec.name == "encode":
             attrs = read_attrs(rec.path)
@@ -169,7 +170,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {setting} | {d['a']} − {d['b']} | {100 * d['mean_difference']:+.2f} ± {100 * d['ci95']:.2f} | {'yes' if d['significant'] else 'no'} |")
     lines += ["", "## Stages", "", "| stage | reused | wall time when run (s) |", "|---|---|---:|"]
     for name, st in report["stages"].items():
-        lines.append(f"| {name} | {'yes' if st['reused'] else 'no'} | {st.get('wall_s', 0):.1f} |")
+        wall = st.get("train_wall_s", st.get("wall_s", 0))
+        lines.append(f"| {name} | {'yes' if st['reused'] else 'no'} | {wall:.1f} |")
     head = report["stages"].get("train-head", {})
     if head.get("final_val"):
         fv = head["final_val"]
