@@ -52,6 +52,7 @@ from oneshot_bench.trunk import (
     build_trunk,
     dataset_normalization,
     feature_space,
+    fused_for_inference,
     resolve_image_size,
     to_input,
 )
@@ -141,10 +142,13 @@ def normalization_for(trunk: LoadedTrunk, prepared: PreparedData):
 
 
 @torch.inference_mode()
-def embed_images(model: torch.nn.Module, images: np.ndarray, norm, batch_size: int) -> np.ndarray:
-    """(n, s, s, 3) uint8 -> (n, 512) float32 pooled features, in batches."""
+def embed_images(model: torch.nn.Module, images: np.ndarray, norm, batch_size: int, fused: bool = False) -> np.ndarray:
+    """(n, s, s, 3) uint8 -> (n, 512) float32 pooled features, in batches.
+
+    BatchNorm is folded into the convolutions first unless `fused` says it already is."""
     out = np.empty((len(images), 512), dtype=np.float32)
-    model.eval()
+    if not fused:
+        model = fused_for_inference(model)
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size])
         out[start : start + len(batch)] = model(to_input(batch, norm)).numpy()
@@ -191,11 +195,11 @@ def encode(cfg: EncodeConfig, on_chunk: Callable[[int], None] | None = None) -> 
         log.info("resuming %s at image %d of %d", partial, n_done, n)
     chunk = max(cfg.batch_size, (cfg.chunk_size // cfg.batch_size) * cfg.batch_size)
     t1 = time.perf_counter()
-    model = trunk.model.to(memory_format=torch.channels_last)
+    model = fused_for_inference(trunk.model)
     with Progress("encode", total=n, quiet=cfg.quiet, unit="img") as bar:
         bar.advance(n_done)
         for start in range(n_done, n, chunk):
-            feats = embed_images(model, imgs.images[start : start + chunk], norm, cfg.batch_size)
+            feats = embed_images(model, imgs.images[start : start + chunk], norm, cfg.batch_size, fused=True)
             with h5py.File(partial, "r+") as f:
                 f["features"][start : start + len(feats)] = feats.astype(cfg.dtype)
                 f.attrs["n_done"] = start + len(feats)

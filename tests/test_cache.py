@@ -36,7 +36,7 @@ def test_encode_round_trip_is_exact(folder_data, tmp_path):
     norm = dataset_normalization(imgs.images[seen_train])
     import torch
 
-    expect = embed_images(trunk.model.to(memory_format=torch.channels_last), imgs.images, norm, 8)
+    expect = embed_images(trunk.model, imgs.images, norm, 8)
     assert np.array_equal(cache.features, expect)  # bit-exact through HDF5
     attrs = read_attrs(out)
     assert attrs["feature_space"]["image_size"] == 16 and attrs["trunk_sha256"] == trunk.sha256
@@ -141,3 +141,20 @@ def test_real_tiny_imagenet_three_classes(tmp_path):
     assert cache.features.shape == (450, 512)
     assert cache.class_names == classes and np.all(np.bincount(cache.labels) == 150)
     assert cache.attrs["n_skipped"] == 0 and np.isfinite(cache.features).all()
+
+
+def test_batchnorm_folding_matches_the_plain_trunk():
+    import torch
+
+    from oneshot_bench.trunk import fused_for_inference
+
+    trunk = build_trunk(TrunkConfig(weights="none", init_seed=3)).model
+    for m in trunk.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    trunk.eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        plain, fused = trunk(x), fused_for_inference(trunk)(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(plain, fused, rtol=1e-4, atol=1e-5)
