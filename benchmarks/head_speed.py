@@ -71,6 +71,7 @@ def main() -> None:
         return time.perf_counter() - t, n_pairs
 
     repeats = 2 if args.quick else 3
+    one_epoch(False, 99), one_epoch(True, 99)  # warm-up: lazy initialisation of torch kernels and threads
     ours = min(one_epoch(False, e) for e in range(repeats))
     ref = min(one_epoch(True, e) for e in range(repeats))
     write(args.out, {

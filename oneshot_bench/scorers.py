@@ -93,19 +93,102 @@ class PairHeadScorer(Scorer):
         return out
 
 
-def build_scorers(names: list[str], features: np.ndarray, seen_mean: np.ndarray | None, head) -> list[Scorer]:
-    """Prepare the named scorers over (n, d) float32 features (the episode pool)."""
+class PoolGram:
+    """Dot products between all images of the episode pool, computed once: D = X X^T, (m, m).
+
+    Every episode of the cosine, l2 and cl2n scorers then only gathers entries of D:
+    Q x K*S (and K*S x K*S for N > 1) per episode instead of Q + K*S feature rows.
+    cl2n's centred dot products follow from D: (x-u).(y-u) = x.y - x.u - y.u + u.u.
+    """
+
+    def __init__(self, features: torch.Tensor, pool_rows: np.ndarray, mean: torch.Tensor | None) -> None:
+        pool = features[torch.from_numpy(pool_rows)]
+        self.d = pool @ pool.T
+        self.sq = torch.diagonal(self.d).clone()
+        self.pos = torch.full((len(features),), -1, dtype=torch.long)
+        self.pos[torch.from_numpy(pool_rows)] = torch.arange(len(pool_rows))
+        if mean is not None:
+            self.a = pool @ mean
+            self.c = mean @ mean
+            self.nc = (self.sq - 2 * self.a + self.c).clamp(min=1e-12).sqrt()
+
+    def blocks(self, support: torch.Tensor, query: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(E, Q, K*S) query-support and, for S > 1, (E, K*S, K*S) support-support products.
+        kind: "raw" (x.y), "cos" (x.y / |x||y|) or "cl2n" (centred, normalised)."""
+        n_ep, k, s = support.shape
+        qp, sp = self.pos[query], self.pos[support.reshape(n_ep, k * s)]
+        qs = self.d[qp.unsqueeze(2), sp.unsqueeze(1)]
+        ss = self.d[sp.unsqueeze(2), sp.unsqueeze(1)] if s > 1 else None
+        if kind == "raw":
+            return qs, ss
+        if kind == "cos":
+            norm = self.sq.clamp(min=1e-12).sqrt()
+            nq, ns = norm[qp].unsqueeze(2), norm[sp].unsqueeze(1)
+            return qs / (nq * ns), None if ss is None else ss / (norm[sp].unsqueeze(2) * ns)
+        aq, as_ = self.a[qp].unsqueeze(2), self.a[sp].unsqueeze(1)
+        nq, ns = self.nc[qp].unsqueeze(2), self.nc[sp].unsqueeze(1)
+        qs = (qs - aq - as_ + self.c) / (nq * ns)
+        if ss is not None:
+            ss = (ss - self.a[sp].unsqueeze(2) - as_ + self.c) / (self.nc[sp].unsqueeze(2) * ns)
+        return qs, ss
+
+
+def _proto_sq(ss: torch.Tensor | None, k: int, s: int) -> torch.Tensor:
+    """|prototype|^2 per class from support-support products: mean over the class's block."""
+    if ss is None:
+        return None
+    n_ep = ss.shape[0]
+    blocks = torch.diagonal(ss.view(n_ep, k, s, k, s), dim1=1, dim2=3)  # (E, S, S, K)
+    return blocks.mean((1, 2))
+
+
+class GramScorer(Scorer):
+    """cosine, l2 or cl2n read off a PoolGram; same scores as the gathering scorers."""
+
+    def __init__(self, name: str, gram: PoolGram) -> None:
+        self.name, self.gram = name, gram
+
+    def score(self, support, query, candidates=None):
+        n_ep, k, s = support.shape
+        kind = {"cosine": "cos", "l2": "raw", "cl2n": "cl2n"}[self.name]
+        qs, ss = self.gram.blocks(support, query, kind)
+        mean_qs = qs.view(n_ep, -1, k, s).mean(3)  # q . prototype
+        psq = _proto_sq(ss, k, s)
+        if self.name == "cosine":
+            return mean_qs if psq is None else mean_qs / psq.clamp(min=1e-12).sqrt().unsqueeze(1)
+        if psq is None:  # one shot: |prototype|^2 is the support's own square
+            sp = self.gram.pos[support.reshape(n_ep, k)]
+            psq = self.gram.sq[sp] if self.name == "l2" else torch.ones(n_ep, k)
+        qsq = self.gram.sq[self.gram.pos[query]].unsqueeze(2) if self.name == "l2" else 1.0
+        return 2 * mean_qs - qsq - psq.unsqueeze(1)
+
+
+GRAM_MAX_POOL = 12_000  # above this, D would cost more memory than gathering saves time
+
+
+def build_scorers(names: list[str], features: np.ndarray, seen_mean: np.ndarray | None, head,
+                  pool_rows: np.ndarray | None = None) -> list[Scorer]:
+    """Prepare the named scorers over (n, d) float32 features.
+
+    pool_rows: the rows episodes draw from; when given and not too many, cosine/l2/cl2n use
+    one Gram matrix of the pool instead of gathering feature rows per episode."""
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    mean = None if seen_mean is None else torch.from_numpy(seen_mean.astype(np.float32))
+    gram = None
+    if pool_rows is not None and len(pool_rows) <= GRAM_MAX_POOL and set(names) & {"cosine", "l2", "cl2n"}:
+        gram = PoolGram(x, np.asarray(pool_rows, dtype=np.int64), mean)
     out: list[Scorer] = []
     for name in names:
-        if name == "cosine":
+        if name == "cl2n" and mean is None:
+            raise OneShotBenchError("scorer cl2n needs seen-class train images in the cache to centre on")
+        if name in ("cosine", "l2", "cl2n") and gram is not None:
+            out.append(GramScorer(name, gram))
+        elif name == "cosine":
             out.append(CosineScorer(x))
         elif name == "l2":
             out.append(L2Scorer(x))
         elif name == "cl2n":
-            if seen_mean is None:
-                raise OneShotBenchError("scorer cl2n needs seen-class train images in the cache to centre on")
-            out.append(CL2NScorer(x, torch.from_numpy(seen_mean.astype(np.float32))))
+            out.append(CL2NScorer(x, mean))
         elif name == "pair-head":
             if head is None:
                 raise OneShotBenchError("scorer pair-head needs --head PATH (a checkpoint from train-head)")

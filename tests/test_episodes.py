@@ -148,3 +148,24 @@ def test_cli_table_reports_episodes_and_ci(tmp_path):
     assert "± 95% CI" in r.output and "50" in r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["ci_method"].startswith("1.96 * population std") and rep["versions"]["faiss"]
+
+
+@pytest.mark.parametrize("n_shot", [1, 3])
+def test_gram_scorers_equal_the_gathering_scorers(n_shot):
+    import torch
+
+    from oneshot_bench.scorers import build_scorers
+
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.normal(size=(300, 24))).astype(np.float32)
+    pool_rows = np.arange(100, 300)
+    support = torch.from_numpy(rng.choice(pool_rows, size=(7, 4, n_shot)))
+    query = torch.from_numpy(rng.choice(pool_rows, size=(7, 9)))
+    mean = feats[:100].mean(0)
+    names = ["cosine", "l2", "cl2n"]
+    direct = build_scorers(names, feats, mean, None)
+    gram = build_scorers(names, feats, mean, None, pool_rows)
+    for a, b in zip(direct, gram):
+        assert type(a).__name__ != type(b).__name__
+        sa, sb = a.score(support, query), b.score(support, query)
+        assert torch.allclose(sa, sb, rtol=1e-4, atol=1e-4), a.name
