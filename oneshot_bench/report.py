@@ -193,9 +193,10 @@ def _plot_accuracy(report: dict, path: Path) -> Path:
     fig = _figure(6.5, 4)
     ax = fig.subplots()
     rows = [r for r in results_rows(report) if r["protocol"] == "episodes"]
-    for scorer in dict.fromkeys(r["scorer"] for r in rows):
+    base = lambda r: r.get("base_scorer", r["scorer"])  # pair-head[m=..] joins pair-head's line
+    for scorer in dict.fromkeys(base(r) for r in rows):
         for shot in sorted({r["n_shot"] for r in rows}):
-            pts = sorted((r["n_way"], r["accuracy"], r["ci95"]) for r in rows if r["scorer"] == scorer and r["n_shot"] == shot)
+            pts = sorted((r["n_way"], r["accuracy"], r["ci95"]) for r in rows if base(r) == scorer and r["n_shot"] == shot)
             if pts:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, 100 * np.array(y), yerr=100 * np.array(e), marker="o", capsize=3, label=f"{scorer}, {shot}-shot")

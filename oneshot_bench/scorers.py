@@ -63,8 +63,8 @@ class CL2NScorer(L2Scorer):
 
 class PairHeadScorer(Scorer):
     """The head's same-class probability; with S > 1 shots, the mean over the class's
-    supports. With a candidate mask (E, Q, K*S), only candidate supports are scored and a
-    class without candidates scores -1, below any probability."""
+    supports. With a candidate mask (E, Q, K*S), only candidate supports are scored (the
+    others count as 0) and a class without candidates scores -1, below any probability."""
 
     name = "pair-head"
 
@@ -86,10 +86,11 @@ class PairHeadScorer(Scorer):
             if candidates is None:
                 out[:, q0 : q0 + step] = prob.mean(3)
             else:
+                # supports left out by retrieval count as probability 0: a class is not
+                # favoured for having few candidates, and m = all gives the plain mean
                 mask = candidates[:, q0 : q0 + step].view(n_ep, -1, k, s).float()
-                n = mask.sum(3)
-                mean = (prob * mask).sum(3) / n.clamp(min=1)
-                out[:, q0 : q0 + step] = torch.where(n > 0, mean, torch.full_like(mean, -1.0))
+                mean = (prob * mask).sum(3) / s
+                out[:, q0 : q0 + step] = torch.where(mask.sum(3) > 0, mean, torch.full_like(mean, -1.0))
         return out
 
 
