@@ -4,14 +4,15 @@ Ours: `run_episodes` on 10,000 5-way 1-shot 15-query episodes (--quick: 2,000), 
 on identical episodes, vectorised in batches. Reference: the usual few-shot loop, one
 episode at a time (random.sample, gather into tensors, score with torch), timed on 500 episodes
 (--quick: 200) and compared as episodes/s. Peak memory: the growth of the process's peak
-RSS from before the cache is loaded to the end of the run, in a fresh process.
+RSS from before the cache is loaded to the end of the run, in a fresh interpreter.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def rss_mb() -> float:
 
 
 def _measure(cache_path: str, head_path: str, n: int, q) -> None:
+    import faiss  # noqa: F401  (libraries imported before the baseline is read)
+    import h5py  # noqa: F401
+
     before = rss_mb()
     t = time.perf_counter()
     run_episodes(EpisodeConfig(cache=Path(cache_path), head=Path(head_path), n_episodes=n, quiet=True))
@@ -90,12 +94,11 @@ def main() -> None:
         ours_eps, ref_eps = r["n_episodes"] / r["wall_s"], n_ref / ref_s
         per[r["scorer"]] = {"seconds": r["wall_s"], "episodes_per_s": ours_eps, "accuracy": r["accuracy"], "ci95": r["ci95"],
                             "reference_episodes_per_s": ref_eps, "reference_seconds_for_n_ref": ref_s, "ratio": ours_eps / ref_eps}
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(str(cache.path), str(head_path), n, q))
-    proc.start()
-    mem = q.get()
-    proc.join()
+    # a fresh interpreter, as a user's `oneshot-bench episodes` would be
+    code = (f"import queue, json; from episodes_speed import _measure; q = queue.Queue(); "
+            f"_measure({str(cache.path)!r}, {str(head_path)!r}, {n}, q); print(json.dumps(q.get()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    mem = json.loads(proc.stdout.strip().splitlines()[-1])
     feature_mb = cache.features.nbytes / 2**20
     limit = 2 * feature_mb + 300
     targets = {"ratio_min": 50, "cosine_s_max": 1.0, "pair_head_s_max": 2.0, "peak_mb_max": limit}

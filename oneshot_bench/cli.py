@@ -132,6 +132,7 @@ def finetune(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the classes objective.")] = 0.0,
     mixup: Annotated[float, typer.Option(help="Mixup alpha for the classes objective with augmentation; 0 = off.")] = 0.0,
     pairs_per_class: Annotated[int, typer.Option(help="Positive pairs per class and epoch (as many negatives), pairs objective.")] = 250,
+    group_size: Annotated[int, typer.Option(help="Images per class in a batch, pairs objective: more means more pairs per embedded image.")] = 4,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Fine-tune the trunk on the seen classes."""
@@ -140,7 +141,8 @@ def finetune(
     data, sp, trunk = _data_cfgs(dataset, data_root, download, split, seen, seed, val_fraction, image_size, weights, stem)
     cfg = FinetuneConfig(data=data, split=sp, trunk=trunk, out=out.resolve(), objective=objective, train_from=train_from,
                          epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         augment=augment, label_smoothing=label_smoothing, mixup=mixup, pairs_per_class=pairs_per_class, seed=seed, quiet=quiet)
+                         augment=augment, label_smoothing=label_smoothing, mixup=mixup, pairs_per_class=pairs_per_class,
+                         group_size=group_size, seed=seed, quiet=quiet)
     path = run(cfg)
     typer.echo(f"wrote {path}")
 

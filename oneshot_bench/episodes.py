@@ -232,10 +232,9 @@ def run_episodes(cfg: EpisodeConfig) -> dict:
         pool = make_pool(cache, tuple(cfg.roles))
         _check_pool(cache, pool, cfg)
     seen_train = np.flatnonzero(np.isin(cache.labels, np.flatnonzero(cache.class_roles == "seen")) & (cache.image_split == "train"))
-    seen_mean = cache.features[seen_train].mean(0) if len(seen_train) else None
-    if "cl2n" in names and seen_mean is None:
-        seen_all = cache.rows_with_roles(("seen",))
-        seen_mean = cache.features[seen_all].mean(0) if len(seen_all) else None
+    if not len(seen_train):
+        seen_train = cache.rows_with_roles(("seen",))
+    seen_mean = _row_mean(cache.features, seen_train) if len(seen_train) else None
     t0 = time.perf_counter()
     if cfg.episode_file is not None:
         batches_fn, n_total, shape = _episode_file_batches(cache, cfg.episode_file)
@@ -263,7 +262,9 @@ def run_episodes(cfg: EpisodeConfig) -> dict:
 
     with Progress("episodes", total=n_total, quiet=cfg.quiet, unit="ep") as bar:
         with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool_ex:
-            for n_done, results in pool_ex.map(work, batches_fn()):
+            # one worker: stay on this thread (no second malloc arena, batches sampled lazily)
+            done = map(work, batches_fn()) if cfg.workers <= 1 else pool_ex.map(work, batches_fn())
+            for n_done, results in done:
                 for run, (acc, rec, secs) in zip(runs, results):
                     run.accuracy.append(acc)
                     run.recall.append(rec)
@@ -310,6 +311,14 @@ def run_episodes(cfg: EpisodeConfig) -> dict:
     if cfg.per_episode_out is not None:
         write_json(Path(cfg.per_episode_out), {k: v.tolist() for k, v in per_episode.items()})
     return report
+
+
+def _row_mean(features: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Mean of features[rows], (d,) float32, without copying all the rows at once."""
+    total = np.zeros(features.shape[1], dtype=np.float64)
+    for start in range(0, len(rows), chunk):
+        total += features[rows[start : start + chunk]].sum(0, dtype=np.float64)
+    return (total / len(rows)).astype(np.float32)
 
 
 def _check_pool(cache: Cache, pool: Pool, cfg: EpisodeConfig) -> None:

@@ -68,9 +68,9 @@ class PairHeadScorer(Scorer):
 
     name = "pair-head"
 
-    def __init__(self, head, features: torch.Tensor, max_elements: int = 1 << 24) -> None:
-        with torch.inference_mode():
-            self.emb = head.embed(features)
+    def __init__(self, head, features: torch.Tensor, max_elements: int = 1 << 22) -> None:
+        with torch.inference_mode():  # in chunks: the normalised copy of all features is not needed at once
+            self.emb = torch.cat([head.embed(features[i : i + 4096]) for i in range(0, len(features), 4096)])
         self.head = head
         self.max_elements = max_elements
 

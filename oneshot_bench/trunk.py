@@ -207,10 +207,16 @@ def resolve_image_size(requested: int | None, trunk: LoadedTrunk, native: int | 
 
 def dataset_normalization(images: np.ndarray) -> Normalization:
     """Per-channel mean/std of (n, s, s, 3) uint8 images, rounded for stable JSON."""
-    x = images.reshape(-1, 3).astype(np.float64) / 255.0
-    mean = tuple(round(float(v), 6) for v in x.mean(0))
-    std = tuple(round(float(v), 6) for v in x.std(0))
-    return Normalization("dataset", mean, std)
+    # exact moments from per-channel histograms of the uint8 values: no float copy of the images
+    flat = images.reshape(-1, 3)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for c in range(3):
+        hist = np.bincount(flat[:, c], minlength=256).astype(np.float64)
+        m = float((hist * values).sum() / hist.sum())
+        mean.append(round(m, 6))
+        std.append(round(float(np.sqrt((hist * (values - m) ** 2).sum() / hist.sum())), 6))
+    return Normalization("dataset", tuple(mean), tuple(std))
 
 
 def to_input(batch: torch.Tensor, norm: Normalization) -> torch.Tensor:

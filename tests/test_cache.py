@@ -158,3 +158,10 @@ def test_batchnorm_folding_matches_the_plain_trunk():
     with torch.inference_mode():
         plain, fused = trunk(x), fused_for_inference(trunk)(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(plain, fused, rtol=1e-4, atol=1e-5)
+
+
+def test_dataset_normalization_equals_float_moments():
+    x = np.random.default_rng(1).integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
+    norm = dataset_normalization(x)
+    f = x.reshape(-1, 3) / 255.0
+    assert np.allclose(norm.mean, f.mean(0), atol=1e-6) and np.allclose(norm.std, f.std(0), atol=1e-6)
