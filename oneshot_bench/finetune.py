@@ -26,7 +26,7 @@ from oneshot_bench.cache import PreparedData, embed_images, normalization_for, p
 from oneshot_bench.data import DataConfig
 from oneshot_bench.episodes import pool_from_labels, sample_episodes
 from oneshot_bench.errors import OneShotBenchError
-from oneshot_bench.head import PairHead, sample_pair_batches
+from oneshot_bench.head import PairHead, pair_logits_of_batch, sample_pair_batches
 from oneshot_bench.progress import Progress
 from oneshot_bench.provenance import (
     TRUNK_KIND,
@@ -198,9 +198,9 @@ class Trainer:
             logits = self.extra(f)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             return loss, int((logits.argmax(1) == y).sum()), len(y)
-        i, j, y = (torch.from_numpy(a) for a in pairs)
-        emb = self.extra.embed(f)
-        logit = self.extra.pair_logits(emb[i], emb[j])
+        i, j, y = pairs
+        y = torch.from_numpy(y)
+        logit = pair_logits_of_batch(self.extra, self.extra.embed(f), i, j)
         loss = F.binary_cross_entropy_with_logits(logit, y)
         return loss, int(((logit > 0) == (y > 0.5)).sum()), len(y)
 

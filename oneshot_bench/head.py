@@ -80,6 +80,15 @@ class PairHead(nn.Module):
         return self.pair_logits(self.embed(x1), self.embed(x2))
 
 
+def pair_logits_of_batch(head: PairHead, emb: torch.Tensor, i: np.ndarray, j: np.ndarray) -> torch.Tensor:
+    """Logits (m,) of pairs (i, j) among a batch's embeddings (b, hidden).
+
+    index_select, not advanced indexing: its backward (index_add) sums each row's gradient
+    in a fixed order, where advanced indexing's accumulate-put does not, and training would
+    differ from run to run in the last bits."""
+    return head.pair_logits(emb.index_select(0, torch.from_numpy(i)), emb.index_select(0, torch.from_numpy(j)))
+
+
 # --- pairs ------------------------------------------------------------------------------
 
 
@@ -251,8 +260,8 @@ def _evaluate_pairs(head: PairHead, features: torch.Tensor, batches: list[PairBa
     logits, ys = [], []
     with torch.inference_mode():
         for b in batches:
-            emb = head.embed(features[torch.from_numpy(b.images)])
-            logits.append(head.pair_logits(emb[torch.from_numpy(b.i)], emb[torch.from_numpy(b.j)]))
+            emb = head.embed(features.index_select(0, torch.from_numpy(b.images)))
+            logits.append(pair_logits_of_batch(head, emb, b.i, b.j))
             ys.append(torch.from_numpy(b.y))
     logit, y = torch.cat(logits), torch.cat(ys)
     loss = F.binary_cross_entropy_with_logits(logit, y).item()
@@ -361,8 +370,8 @@ def fit_head(features: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, v
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout masks, reproducible per epoch
                 for b in batches:
-                    emb = head.embed(train_x[torch.from_numpy(b.images)])
-                    logit = head.pair_logits(emb[torch.from_numpy(b.i)], emb[torch.from_numpy(b.j)])
+                    emb = head.embed(train_x.index_select(0, torch.from_numpy(b.images)))
+                    logit = pair_logits_of_batch(head, emb, b.i, b.j)
                     y = torch.from_numpy(b.y)
                     loss = F.binary_cross_entropy_with_logits(logit, y)
                     opt.zero_grad(set_to_none=True)
