@@ -148,7 +148,11 @@ def _imagenet_state_dict(download: bool) -> dict:
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:
-        raise OneShotBenchError(f"could not load ImageNet weights: {exc}".replace("\n", " ")) from None
+        reason = str(exc).replace("\n", " ")[:160]
+        raise OneShotBenchError(
+            f"could not load ImageNet weights ({reason}); offline, use --weights none (train with --train-from all) "
+            f"or --weights PATH to a local state_dict"
+        ) from None
 
 
 def build_trunk(cfg: TrunkConfig) -> LoadedTrunk:
