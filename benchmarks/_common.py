@@ -63,3 +63,24 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+RUN_DIR = ROOT / "cache" / "runs" / "tiny32-classes"
+
+
+def run_cache(cache: Path | None, quick: bool) -> Path:
+    """The cache to study: --cache, else the README run's (cache/runs/tiny32-classes), else
+    with --quick a 40-class random-weight cache built under cache/bench/."""
+    import glob
+    import sys
+
+    if cache is not None:
+        return cache
+    if quick:
+        from head_speed import bench_cache
+
+        return bench_cache(TINY, True).path
+    found = sorted(glob.glob(str(RUN_DIR / "cache-*.h5")))
+    if not found:
+        sys.exit("error: no cache under cache/runs/tiny32-classes; run `make demo-offline` first or pass --cache")
+    return Path(found[0])

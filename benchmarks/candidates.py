@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import glob
-import sys
 from pathlib import Path
 
-from _common import ROOT, RESULTS, TINY, write
+from _common import ROOT, RESULTS, RUN_DIR, run_cache, write
 
 from oneshot_bench.episodes import EpisodeConfig, run_episodes
 from oneshot_bench.head import HeadConfig, train_head
@@ -26,19 +25,9 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=None)
     p.add_argument("--head", type=Path, default=None)
     args = p.parse_args()
-    run_dir = ROOT / "cache/runs/tiny32-classes"
-    if args.cache is None:
-        if args.quick:
-            from head_speed import bench_cache
-
-            args.cache = bench_cache(TINY, True).path
-        else:
-            found = sorted(glob.glob(str(run_dir / "cache-*.h5")))
-            if not found:
-                sys.exit("error: no cache under cache/runs/tiny32-classes; run `make demo-offline` first or pass --cache")
-            args.cache = Path(found[0])
+    args.cache = run_cache(args.cache, args.quick)
     if args.head is None:
-        found = sorted(glob.glob(str(run_dir / "head-*.pt"))) if not args.quick else []
+        found = sorted(glob.glob(str(RUN_DIR / "head-*.pt"))) if not args.quick else []
         args.head = Path(found[0]) if found else ROOT / "cache/bench" / f"{args.cache.stem}-head.pt"
         if not args.head.exists():
             train_head(HeadConfig(cache=args.cache, out=args.head, epochs=3 if args.quick else 30, quiet=True))

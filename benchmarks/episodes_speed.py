@@ -21,7 +21,6 @@ import torch
 from _common import parse, require_data, write
 from head_speed import bench_cache
 
-from oneshot_bench.cache import load_cache
 from oneshot_bench.episodes import EpisodeConfig, run_episodes
 from oneshot_bench.head import HeadConfig, load_head, train_head
 

@@ -10,7 +10,6 @@ cross-entropy ResNet-18 (20 epochs, 32 px, standard stem): 40.5% 1-shot, 56.6% 5
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 

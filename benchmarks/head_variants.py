@@ -11,13 +11,11 @@ Cache: --cache, default the Tiny-ImageNet 32 px run of the README (cache/runs/ti
 from __future__ import annotations
 
 import argparse
-import glob
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, RESULTS, TINY, write
+from _common import ROOT, RESULTS, run_cache, write
 
 from oneshot_bench.episodes import EpisodeConfig, run_episodes
 from oneshot_bench.head import HeadConfig, train_head
@@ -33,16 +31,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "head_variants.json")
     p.add_argument("--cache", type=Path, default=None)
     args = p.parse_args()
-    if args.cache is None:
-        if args.quick:
-            from head_speed import bench_cache
-
-            args.cache = bench_cache(TINY, True).path
-        else:
-            found = sorted(glob.glob(str(ROOT / "cache/runs/tiny32-classes/cache-*.h5")))
-            if not found:
-                sys.exit("error: no cache under cache/runs/tiny32-classes; run `make demo-offline` first or pass --cache")
-            args.cache = Path(found[0])
+    args.cache = run_cache(args.cache, args.quick)
     n = 1000 if args.quick else 10_000
     work = ROOT / "cache" / "bench" / "heads"
     per_episode, results, heads = {}, {}, {}

@@ -29,7 +29,6 @@ from oneshot_bench.provenance import (
     load_checkpoint,
     package_versions,
     save_checkpoint,
-    sha256_text,
     to_jsonable,
 )
 from oneshot_bench.stats import roc_auc
@@ -194,7 +193,6 @@ def _draw_negatives(anchors, pool, labels, rng, used, n_total, neighbors, tries:
     if neighbors is not None:
         hard[rng.permutation(n)[: n // 2]] = True
     pending = np.arange(n)
-    out_a, out_b = [], []
     for attempt in range(tries):
         if len(pending) == 0:
             break

@@ -1,13 +1,11 @@
 import json
-import shutil
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SHARED_TINY, write_folder
+from conftest import SHARED_TINY
 from oneshot_bench.cache import EncodeConfig, embed_images, encode, load_cache, read_attrs
 from oneshot_bench.cli import app
 from oneshot_bench.data import DataConfig, open_source
@@ -34,8 +32,6 @@ def test_encode_round_trip_is_exact(folder_data, tmp_path):
     trunk = build_trunk(TrunkConfig(weights="none"))
     seen_train = cache.image_split == "train"
     norm = dataset_normalization(imgs.images[seen_train])
-    import torch
-
     expect = embed_images(trunk.model, imgs.images, norm, 8)
     assert np.array_equal(cache.features, expect)  # bit-exact through HDF5
     attrs = read_attrs(out)

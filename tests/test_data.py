@@ -1,11 +1,10 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cifar100_names, write_cifar100, write_folder
+from conftest import cifar100_names, write_folder
 from oneshot_bench.data import DataConfig, open_source
 from oneshot_bench.errors import OneShotBenchError
 from oneshot_bench.splits import CIFAR_FS_TEST, CIFAR_FS_VAL, SplitConfig, class_roles, image_split

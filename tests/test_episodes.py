@@ -8,7 +8,6 @@ from helpers import cluster_cache
 from oneshot_bench.cache import load_cache
 from oneshot_bench.cli import app
 from oneshot_bench.episodes import EpisodeConfig, make_pool, run_episodes, sample_episodes, sample_seed_protocol
-from oneshot_bench.errors import OneShotBenchError
 from oneshot_bench.head import HeadConfig, train_head
 from oneshot_bench.retrieval import candidate_mask, knn_inner_product
 from oneshot_bench.stats import mean_ci95, paired_differences, roc_auc
@@ -60,8 +59,8 @@ def test_results_identical_across_batch_size_workers_and_prefix(tmp_path):
     path = cluster_cache(tmp_path / "c.h5", n_classes=14, per_class=25, seen=6, spread=0.35)
     base = dict(cache=path, n_way=5, n_shot=1, n_query=5, quiet=True)
     a = run_episodes(EpisodeConfig(n_episodes=1000, batch_size=1000, workers=1, per_episode_out=tmp_path / "a.json", **base))
-    b = run_episodes(EpisodeConfig(n_episodes=1000, batch_size=37, workers=3, per_episode_out=tmp_path / "b.json", **base))
-    c = run_episodes(EpisodeConfig(n_episodes=300, batch_size=64, per_episode_out=tmp_path / "c.json", **base))
+    run_episodes(EpisodeConfig(n_episodes=1000, batch_size=37, workers=3, per_episode_out=tmp_path / "b.json", **base))
+    run_episodes(EpisodeConfig(n_episodes=300, batch_size=64, per_episode_out=tmp_path / "c.json", **base))
     pa, pb, pc = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "abc")
     assert pa == pb
     assert all(pa[k][:300] == pc[k] for k in pa)

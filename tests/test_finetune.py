@@ -7,7 +7,6 @@ from conftest import write_folder
 from oneshot_bench.cache import prepare_data
 from oneshot_bench.cli import app
 from oneshot_bench.data import DataConfig
-from oneshot_bench.errors import OneShotBenchError
 from oneshot_bench.finetune import FinetuneConfig, StemCache, Trainer, finetune, freeze
 from oneshot_bench.head import PairHead
 from oneshot_bench.provenance import TRUNK_KIND, load_checkpoint
