@@ -181,8 +181,8 @@ class Trainer:
 
     def features(self, idx: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
         """Pooled (b, 512) features of images `idx`; augmented when gen is given."""
-        if self.stem is not None:
-            return self.model.forward_from(self.stem.get(idx).contiguous(memory_format=torch.channels_last), self.cfg.train_from if self.cfg.train_from != "all" else "stem")
+        if self.stem is not None:  # only built when train_from is a layer, never "all"
+            return self.model.forward_from(self.stem.get(idx).contiguous(memory_format=torch.channels_last), self.cfg.train_from)
         x = to_input(torch.from_numpy(self.images[idx]), self.norm)
         if gen is not None:
             x = augment_batch(x, gen)

@@ -204,7 +204,7 @@ def _draw_negatives(anchors, pool, labels, rng, used, n_total, neighbors, tries:
                 cand[h] = nb[np.arange(len(nb)), rng.integers(0, nb.shape[1], len(nb))]
         ok = labels[cand] != labels[anchors[pending]]
         keys = np.minimum(anchors[pending], cand) * n_total + np.maximum(anchors[pending], cand)
-        for k_pos, (p, c, key, good) in enumerate(zip(pending.tolist(), cand.tolist(), keys.tolist(), ok.tolist())):
+        for p, c, key, good in zip(pending.tolist(), cand.tolist(), keys.tolist(), ok.tolist()):
             if good and key not in used:
                 used.add(key)
                 partners[p] = c

@@ -9,6 +9,7 @@ state; the others are short and restart).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -125,8 +126,6 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
         ec = dataclasses.replace(ec, json_out=path, per_episode_out=per_ep)
         if path.exists():
             n_reused += 1
-            import json
-
             results.append(json.loads(path.read_text()))
         else:
             results.append(run_episodes(ec))
