@@ -19,7 +19,7 @@ from _common import ROOT, parse, require_data, subset_folder, write
 
 from oneshot_bench.cache import EncodeConfig, encode, load_cache
 from oneshot_bench.data import DataConfig
-from oneshot_bench.head import HeadConfig, PairHead, sample_pair_batches
+from oneshot_bench.head import HeadConfig, PairHead, pair_logits_of_batch, sample_pair_batches
 from oneshot_bench.splits import SplitConfig
 from oneshot_bench.trunk import TrunkConfig
 
@@ -61,8 +61,8 @@ def main() -> None:
                 a, bb = b.images[b.i], b.images[b.j]
                 logit = head(x[torch.from_numpy(a)], x[torch.from_numpy(bb)])
             else:
-                emb = head.embed(x[torch.from_numpy(b.images)])
-                logit = head.pair_logits(emb[torch.from_numpy(b.i)], emb[torch.from_numpy(b.j)])
+                emb = head.embed(x.index_select(0, torch.from_numpy(b.images)))
+                logit = pair_logits_of_batch(head, emb, b.i, b.j)  # the library's own pair step
             loss = F.binary_cross_entropy_with_logits(logit, torch.from_numpy(b.y))
             opt.zero_grad(set_to_none=True)
             loss.backward()

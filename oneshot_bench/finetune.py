@@ -183,10 +183,12 @@ class Trainer:
         """Pooled (b, 512) features of images `idx`; augmented when gen is given."""
         if self.stem is not None:  # only built when train_from is a layer, never "all"
             return self.model.forward_from(self.stem.get(idx).contiguous(memory_format=torch.channels_last), self.cfg.train_from)
+        return self.model(self.inputs(idx, gen))
+
+    def inputs(self, idx: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
+        """Normalised (b, 3, s, s) float inputs of images `idx`; augmented when gen is given."""
         x = to_input(torch.from_numpy(self.images[idx]), self.norm)
-        if gen is not None:
-            x = augment_batch(x, gen)
-        return self.model(x)
+        return x if gen is None else augment_batch(x, gen)
 
     def batch_loss(self, idx: np.ndarray, pairs: tuple | None, gen: torch.Generator | None) -> tuple[torch.Tensor, int, int]:
         """Loss of one batch, and (correct, count) for accuracy."""
@@ -206,7 +208,7 @@ class Trainer:
 
     def _mixup_loss(self, idx: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int, int]:
         """Mixup (Zhang et al. 2018): train on convex mixtures of image pairs and of their labels."""
-        x = augment_batch(to_input(torch.from_numpy(self.images[idx]), self.norm), gen)
+        x = self.inputs(idx, gen)
         y = torch.from_numpy(self.labels[idx])
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
