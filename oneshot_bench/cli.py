@@ -131,8 +131,10 @@ def finetune(
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crop + flip. Default: on unless --train-from layer4. Augmenting turns the frozen-stem cache off.")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the classes objective.")] = 0.0,
     mixup: Annotated[float, typer.Option(help="Mixup alpha for the classes objective with augmentation; 0 = off.")] = 0.0,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16: bfloat16 autocast of training steps (epochs about 1.45x faster on CPUs with AVX512-BF16).")] = "fp32",
+    crop_scale: Annotated[float, typer.Option(help="With augmentation: random resized crops of at least this area fraction instead of padded crops; 1 = off.")] = 1.0,
     pairs_per_class: Annotated[int, typer.Option(help="Positive pairs per class and epoch (as many negatives), pairs objective.")] = 250,
-    group_size: Annotated[int, typer.Option(help="Images per class in a batch, pairs objective: more means more pairs per embedded image.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Images per class in a batch, pairs objective: more means more pairs per embedded image.")] = 12,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Fine-tune the trunk on the seen classes."""
@@ -141,8 +143,8 @@ def finetune(
     data, sp, trunk = _data_cfgs(dataset, data_root, download, split, seen, seed, val_fraction, image_size, weights, stem)
     cfg = FinetuneConfig(data=data, split=sp, trunk=trunk, out=out.resolve(), objective=objective, train_from=train_from,
                          epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         augment=augment, label_smoothing=label_smoothing, mixup=mixup, pairs_per_class=pairs_per_class,
-                         group_size=group_size, seed=seed, quiet=quiet)
+                         augment=augment, label_smoothing=label_smoothing, mixup=mixup, precision=precision,
+                         crop_scale=crop_scale, pairs_per_class=pairs_per_class, group_size=group_size, seed=seed, quiet=quiet)
     path = run(cfg)
     typer.echo(f"wrote {path}")
 
@@ -186,7 +188,7 @@ def train_head(
 
     cfg = HeadConfig(cache=cache.resolve(), out=out.resolve(), head=head, pairs_per_class=pairs_per_class, negatives=negatives,
                      epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
-                     groups_per_batch=max(2, batch_size // 5), seed=seed, quiet=quiet)
+                     groups_per_batch=max(2, batch_size // HeadConfig.group_size), seed=seed, quiet=quiet)
     path = run(cfg)
     typer.echo(f"wrote {path}")
 
@@ -259,6 +261,8 @@ def run(
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="finetune: random crop + flip (default: on unless layer4).")] = None,
     label_smoothing: Annotated[float, typer.Option(help="finetune: label smoothing (classes objective).")] = 0.0,
     mixup: Annotated[float, typer.Option(help="finetune: mixup alpha (classes objective); 0 = off.")] = 0.0,
+    precision: Annotated[str, typer.Option(help="finetune: fp32, or bf16 autocast of training steps.")] = "fp32",
+    crop_scale: Annotated[float, typer.Option(help="finetune: random resized crops of at least this area fraction; 1 = padded crops.")] = 1.0,
     dtype: Annotated[str, typer.Option(help="encode: float32 or float16.")] = "float32",
     head: Annotated[str, typer.Option(help="train-head: siamese-l1 or siamese-mix.")] = "siamese-l1",
     pairs_per_class: Annotated[int, typer.Option(help="train-head: positive pairs per class and epoch.")] = 250,
@@ -285,7 +289,8 @@ def run(
     cfg = RunConfig(
         data=data, split=sp, trunk=trunk, out_dir=(out_dir or CACHE / "runs" / name).resolve(), do_finetune=not skip_finetune,
         finetune=FinetuneConfig(objective=objective, train_from=train_from, epochs=epochs, patience=patience, lr=lr,
-                                batch_size=batch_size, augment=augment, label_smoothing=label_smoothing, mixup=mixup, seed=seed),
+                                batch_size=batch_size, augment=augment, label_smoothing=label_smoothing, mixup=mixup, precision=precision,
+                                crop_scale=crop_scale, seed=seed),
         dtype=dtype,
         head=HeadConfig(head=head, pairs_per_class=pairs_per_class, negatives=negatives, epochs=head_epochs,
                         patience=head_patience, lr=head_lr, seed=seed),

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("episodes", "seed")
 AUTO_ALL_SUPPORTS = 64  # K*N up to this: the head scores every support
 AUTO_CANDIDATES = 32  # beyond it: this many FAISS candidates per query
+# Bumped whenever the same (seed, i) would draw other images: `run` keys cached results on it.
+# 2: Floyd's sampling (1 drew the smallest hashed keys of every image of a class).
+SAMPLER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -118,42 +121,59 @@ class EpisodeBatch:
     query_label: np.ndarray
 
 
-def _smallest(keys: np.ndarray, m: int) -> np.ndarray:
-    """Positions of the m smallest keys along the last axis, in increasing key order.
-    Same result as argsort(keys)[..., :m] (keys are distinct), at a fraction of the cost."""
-    if m >= keys.shape[-1]:
-        return np.argsort(keys, axis=-1, kind="stable")[..., :m]
-    part = np.argpartition(keys, m - 1, axis=-1)[..., :m]
-    order = np.argsort(np.take_along_axis(keys, part, -1), axis=-1, kind="stable")
-    return np.take_along_axis(part, order, -1)
+def _uniform_below(h: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Uniform integers in [0, k) from uint64 hashes h: the top 32 bits scaled by k
+    (multiply-shift; no division, bias below k / 2^32)."""
+    return (((h >> np.uint64(32)) * np.asarray(k).astype(np.uint64)) >> np.uint64(32)).astype(np.int64)
+
+
+def _distinct(base: np.ndarray, n: np.ndarray, m: int, lead: int | None = None) -> np.ndarray:
+    """m distinct integers in [0, n) per entry: (..., m) int64.
+
+    base: (...) uint64 hash of the entry (its randomness); n: (...) int64 sizes, all >= m.
+    Floyd's algorithm draws a uniform m-subset in exactly m vectorised steps, touching m
+    numbers per entry rather than keying all n of them. lead=None then shuffles all m
+    (uniformly random order); lead=S only makes the first S a uniform S-subset of the m
+    (S steps of Fisher-Yates): what supports need, the queries' order being irrelevant."""
+    n = np.broadcast_to(np.asarray(n, dtype=np.int64), base.shape)
+    out = np.empty((m,) + base.shape, dtype=np.int64)  # step axis first: each step's slice is contiguous
+    with np.errstate(over="ignore"):
+        j = n[None] - m + np.arange(m).reshape((m,) + (1,) * base.ndim)  # step s draws t uniform in [0, j_s]
+        steps = np.arange(1, m + 1, dtype=np.uint64).reshape(j.shape[:1] + (1,) * base.ndim)
+        draws = _uniform_below(_mix(base[None] + steps * _GOLDEN), j + 1)
+        for step in range(m):  # a draw already taken is replaced by j_s, which cannot be
+            clash = (out[:step] == draws[step]).any(0)
+            out[step] = np.where(clash, j[step], draws[step])
+        if lead is None:
+            keys = _mix(base[None] + (np.arange(m, dtype=np.uint64) + np.uint64(m + 1)).reshape(steps.shape) * _GOLDEN)
+            return np.moveaxis(np.take_along_axis(out, np.argsort(keys, axis=0), 0), 0, -1)
+        for s in range(lead):
+            r = (s + _uniform_below(_mix(base + np.uint64(m + 1 + s) * _GOLDEN), m - s))[None]
+            picked = np.take_along_axis(out, r, 0)
+            np.put_along_axis(out, r, out[s][None], 0)
+            out[s] = picked[0]
+    return np.moveaxis(out, 0, -1)
 
 
 def sample_episodes(pool: Pool, ids: np.ndarray, seed: int, n_way: int, n_shot: int, n_query: int) -> EpisodeBatch:
     """K-way N-shot episodes number `ids`, each a pure function of (seed, id)."""
     ids = np.asarray(ids, dtype=np.int64)
-    class_keys = hash_keys(seed, ids[:, None], pool.class_ids[None, :])  # (E, C)
-    chosen = np.argsort(class_keys, axis=1, kind="stable")[:, :n_way]  # (E, K) pool class positions
-    counts = pool.counts[chosen]
-    width = pool.members.shape[1]
-    pos = np.arange(width)
-    img_keys = hash_keys(seed, ids[:, None, None], pool.class_ids[chosen][:, :, None], pos[None, None, :] + (1 << 32))
-    img_keys = np.where(pos[None, None, :] < counts[:, :, None], img_keys, np.iinfo(np.uint64).max)
-    take = _smallest(img_keys, n_shot + n_query)  # (E, K, S+Q)
-    rows = pool.members[chosen[:, :, None], take]
+    chosen = _distinct(hash_keys(seed, ids), len(pool.class_ids), n_way)  # (E, K) pool class positions
+    classes = pool.class_ids[chosen]
+    take = _distinct(hash_keys(seed, ids[:, None], classes + (1 << 32)), pool.counts[chosen], n_shot + n_query, lead=n_shot)
+    rows = pool.members[chosen[:, :, None], take]  # (E, K, S+Q)
     support = rows[:, :, :n_shot]
     query = rows[:, :, n_shot:].reshape(len(ids), n_way * n_query)
     label = np.broadcast_to(np.repeat(np.arange(n_way), n_query)[None, :], query.shape)
-    return EpisodeBatch(ids, pool.class_ids[chosen], support, query, np.ascontiguousarray(label))
+    return EpisodeBatch(ids, classes, support, query, np.ascontiguousarray(label))
 
 
 def sample_seed_protocol(pool: Pool, ids: np.ndarray, seed: int, n_shot: int) -> EpisodeBatch:
     """The seed project's protocol: K = every pool class, N supports each, every other image a query."""
     ids = np.asarray(ids, dtype=np.int64)
-    n_cls, width = pool.members.shape
-    pos = np.arange(width)
-    keys = hash_keys(seed, ids[:, None, None], pool.class_ids[None, :, None], pos[None, None, :] + (1 << 32))
-    keys = np.where(pos[None, None, :] < pool.counts[None, :, None], keys, np.iinfo(np.uint64).max)
-    take = _smallest(keys, n_shot)  # (E, C, S)
+    n_cls = len(pool.class_ids)
+    keys = hash_keys(seed, ids[:, None], pool.class_ids[None, :] + (1 << 32))  # (E, C)
+    take = _distinct(keys, pool.counts[None, :], n_shot, lead=n_shot)  # (E, C, S)
     support = pool.members[np.arange(n_cls)[None, :, None], take]
     flat = pool.members[pool.members >= 0]  # pool rows, class by class
     flat_label = np.repeat(np.arange(n_cls), pool.counts)
@@ -295,6 +315,7 @@ def run_episodes(cfg: EpisodeConfig) -> dict:
         "kind": "oneshot-bench/episodes",
         "config": to_jsonable(cfg),
         "protocol": "file" if cfg.episode_file else cfg.protocol,
+        "sampler_version": SAMPLER_VERSION,
         "cache": {"path": str(cfg.cache), "fingerprint": cache.fingerprint, "data_fingerprint": cache.attrs["data_fingerprint"],
                   "feature_space": cache.feature_space, "dataset": cache.attrs.get("dataset")},
         "head": None if head_meta is None else {"path": str(cfg.head), "config": head_meta["head"],

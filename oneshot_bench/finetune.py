@@ -26,7 +26,7 @@ from oneshot_bench.cache import PreparedData, embed_images, normalization_for, p
 from oneshot_bench.data import DataConfig
 from oneshot_bench.episodes import pool_from_labels, sample_episodes
 from oneshot_bench.errors import OneShotBenchError
-from oneshot_bench.head import PairHead, pair_logits_of_batch, sample_pair_batches
+from oneshot_bench.head import PAIR_SAMPLER_VERSION, PairHead, pair_logits_of_batch, sample_pair_batches
 from oneshot_bench.progress import Progress
 from oneshot_bench.provenance import (
     TRUNK_KIND,
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_FROM = ("layer4", "layer3", "layer2", "layer1", "all")
 OBJECTIVES = ("pairs", "classes")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,11 @@ class FinetuneConfig:
 
     train_from: first trainable stage; every stage before it is frozen, BatchNorm too.
     augment: random crop (pad 4) + horizontal flip; None = on unless train_from is layer4.
+    crop_scale: < 1 replaces the padded crop by random resized crops covering at least this
+        fraction of the image (stronger augmentation); 1 = off.
     mixup: alpha of mixup (classes objective, with augmentation); 0 = off.
+    precision: "fp32", or "bf16" for bfloat16 autocast of the training steps (weights,
+        optimiser and validation stay float32); epochs about 1.45x faster on CPUs with AVX512-BF16.
     batch_size: images per batch (pairs objective: groups of `group_size` images per class).
     """
 
@@ -74,8 +79,10 @@ class FinetuneConfig:
     augment: bool | None = None
     label_smoothing: float = 0.0
     mixup: float = 0.0
+    precision: str = "fp32"
+    crop_scale: float = 1.0
     pairs_per_class: int = 250
-    group_size: int = 4
+    group_size: int = 12
     val_episodes: int = 500
     seed: int = 0
     stem_cache_max_bytes: int = 2 << 30
@@ -118,6 +125,24 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.
     out = torch.gather(out, 3, cols)
     flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(3)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def resized_crop_batch(x: torch.Tensor, gen: torch.Generator, min_scale: float) -> torch.Tensor:
+    """Random resized crop (area fraction in [min_scale, 1], aspect 3/4..4/3) resampled to the
+    input size, with horizontal flip: (n, 3, s, s) float in and out, one affine grid per image."""
+    n = x.shape[0]
+    area = min_scale + (1 - min_scale) * torch.rand(n, generator=gen)
+    log_ratio = (torch.rand(n, generator=gen) * 2 - 1) * math.log(4 / 3)
+    sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # crop width and height as fractions of the side
+    sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)  # centre, in [-1, 1] grid coordinates
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, cx, sy, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.contiguous(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return out.contiguous(memory_format=torch.channels_last)
 
 
@@ -188,7 +213,9 @@ class Trainer:
     def inputs(self, idx: np.ndarray, gen: torch.Generator | None) -> torch.Tensor:
         """Normalised (b, 3, s, s) float inputs of images `idx`; augmented when gen is given."""
         x = to_input(torch.from_numpy(self.images[idx]), self.norm)
-        return x if gen is None else augment_batch(x, gen)
+        if gen is None:
+            return x
+        return augment_batch(x, gen) if self.cfg.crop_scale >= 1 else resized_crop_batch(x, gen, self.cfg.crop_scale)
 
     def batch_loss(self, idx: np.ndarray, pairs: tuple | None, gen: torch.Generator | None) -> tuple[torch.Tensor, int, int]:
         """Loss of one batch, and (correct, count) for accuracy."""
@@ -197,12 +224,12 @@ class Trainer:
         f = self.features(idx, gen)
         if self.cfg.objective == "classes":
             y = torch.from_numpy(self.labels[idx])
-            logits = self.extra(f)
+            logits = self.extra(f).float()
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             return loss, int((logits.argmax(1) == y).sum()), len(y)
         i, j, y = pairs
         y = torch.from_numpy(y)
-        logit = pair_logits_of_batch(self.extra, self.extra.embed(f), i, j)
+        logit = pair_logits_of_batch(self.extra, self.extra.embed(f), i, j).float()
         loss = F.binary_cross_entropy_with_logits(logit, y)
         return loss, int(((logit > 0) == (y > 0.5)).sum()), len(y)
 
@@ -213,7 +240,7 @@ class Trainer:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         lam = float(np.random.default_rng(seed).beta(self.cfg.mixup, self.cfg.mixup))
         perm = torch.randperm(len(idx), generator=gen)
-        logits = self.extra(self.model(lam * x + (1 - lam) * x[perm]))
+        logits = self.extra(self.model(lam * x + (1 - lam) * x[perm])).float()
         ce = lambda target: F.cross_entropy(logits, target, label_smoothing=self.cfg.label_smoothing)
         loss = lam * ce(y) + (1 - lam) * ce(y[perm])
         return loss, int((logits.argmax(1) == y).sum()), len(y)
@@ -231,6 +258,26 @@ class Trainer:
         return [(b.images, (b.i, b.j, b.y)) for b in batches]
 
 
+PAIRS_ONLY = ("pairs_per_class", "group_size")
+
+
+def finetune_identity(cfg: FinetuneConfig) -> dict:
+    """What determines the trained trunk: the config less output options and, for the classes
+    objective, the pair sampler's options (they never act there); with the pairs objective,
+    the pair sampler's version too."""
+    if cfg.objective == "pairs":
+        return {**stage_identity(cfg), "pair_sampler_version": PAIR_SAMPLER_VERSION}
+    return stage_identity(cfg, drop=PAIRS_ONLY)
+
+
+def make_optimizer(cfg: FinetuneConfig, trainer: Trainer) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum over the trainable parameters of trunk and head/classifier.
+    fused: one kernel over all parameters instead of a few passes per tensor; with only
+    layer4 trainable the step is a large share of each batch."""
+    params = [p for p in list(trainer.model.parameters()) + list(trainer.extra.parameters()) if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay, fused=True)
+
+
 def _seed_of(*parts: int) -> int:
     return int(np.random.default_rng(list(parts)).integers(0, 2**62))
 
@@ -242,8 +289,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
         raise OneShotBenchError(f"unknown --train-from {cfg.train_from!r}; use {'|'.join(TRAIN_FROM)}")
     if cfg.objective not in OBJECTIVES:
         raise OneShotBenchError(f"unknown --objective {cfg.objective!r}; use pairs or classes")
-    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.mixup < 0:
-        raise OneShotBenchError("--epochs must be >= 1, --batch-size >= 2, --lr > 0 and --mixup >= 0")
+    if cfg.precision not in PRECISIONS:
+        raise OneShotBenchError(f"unknown --precision {cfg.precision!r}; use {'|'.join(PRECISIONS)}")
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0 or cfg.mixup < 0 or not 0 < cfg.crop_scale <= 1:
+        raise OneShotBenchError("--epochs must be >= 1, --batch-size >= 2, --lr > 0, --mixup >= 0 and 0 < --crop-scale <= 1")
     out = Path(cfg.out)
     check_writable(out)
     t_start = time.perf_counter()
@@ -254,9 +303,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     data_fp = fingerprint_arrays(
         np.array(prepared.index.class_names, dtype=object), prepared.images.labels, prepared.images.source_ids, prepared.split
     )
-    key = sha256_text(canonical_json(stage_identity(cfg)) + data_fp + trunk.sha256)
-    params = [p for p in list(trainer.model.parameters()) + list(trainer.extra.parameters()) if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    key = sha256_text(canonical_json(finetune_identity(cfg)) + data_fp + trunk.sha256)
+    opt = make_optimizer(cfg, trainer)
     state = _resume_state(out, key, trainer, opt)
     history, best = state["history"], state["best"]
     stale = state["stale"]
@@ -286,6 +334,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         "config": to_jsonable(cfg),
         "seed": cfg.seed,
         "objective": cfg.objective,
+        "pair_sampler_version": PAIR_SAMPLER_VERSION if cfg.objective == "pairs" else None,
         "train_from": cfg.train_from,
         "augment": cfg.use_augment,
         "stem_cache": trainer.stem is not None,
@@ -359,7 +408,8 @@ def _train_epoch(trainer: Trainer, opt, rows: np.ndarray, epoch: int) -> dict:
         for b, (idx, pairs) in enumerate(batches):
             for group in opt.param_groups:
                 group["lr"] = lr_at((epoch + b / len(batches)) / cfg.epochs, cfg.lr)
-            loss, c, n = trainer.batch_loss(idx, pairs, gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss, c, n = trainer.batch_loss(idx, pairs, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

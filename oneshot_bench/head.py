@@ -36,6 +36,9 @@ from oneshot_bench.stats import roc_auc
 log = logging.getLogger(__name__)
 
 HEAD_KINDS = ("siamese-l1", "siamese-mix")
+# Bumped whenever the same seed would draw other pairs: `run` keys heads and pair-trained
+# trunks on it. 2: whole-epoch array sampling (1 looped over groups and batches).
+PAIR_SAMPLER_VERSION = 2
 
 
 class PairHead(nn.Module):
@@ -61,10 +64,13 @@ class PairHead(nn.Module):
     def config(self) -> dict:
         return {"dim": self.dim, "kind": self.kind, "hidden": self.hidden, "dropout": self.dropout_p}
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) float32 features -> the embedding MLP's (..., d) inputs."""
+        return F.normalize(x, dim=-1) * math.sqrt(self.dim)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) float32 features -> (..., hidden) embeddings."""
-        x = F.normalize(x, dim=-1) * math.sqrt(self.dim)
-        return self.embedding(x)
+        return self.embedding(self.normalize(x))
 
     def pair_logits(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
         """Embeddings (..., hidden) twice (broadcastable) -> (...) logits."""
@@ -125,97 +131,169 @@ def sample_pair_batches(
     `groups_per_batch` groups; its negatives pair images of the batch, so each image is
     embedded once per batch. neighbors: optional (n, k) rows of nearest other-class images;
     when given, half of the negatives take the partner from the anchor's neighbours.
+    Whole-epoch array work: a Python loop runs per class and per batch, never per pair.
     """
     rows = np.asarray(rows, dtype=np.int64)
     n_total = len(labels)
-    classes = np.unique(labels[rows])
-    if len(classes) < 2:
+    if len(np.unique(labels[rows])) < 2:
         raise OneShotBenchError("pair training needs at least two classes with images")
-    used: set[int] = set()
-    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (members, pos_a, pos_b)
-    for c in classes:
-        members = rows[labels[rows] == c]
-        n_c = len(members)
+    g_members, g_len, pos_a, pos_b, pos_group = _positive_groups(labels, rows, pairs_per_class, group_size, rng, n_total)
+    n_groups = len(g_len)
+    if n_groups == 0:  # no class has two images
+        return []
+    g_off = np.concatenate([[0], np.cumsum(g_len)])
+    member_group = np.repeat(np.arange(n_groups), g_len)
+    batch_of_group = np.empty(n_groups, dtype=np.int64)
+    batch_of_group[rng.permutation(n_groups)] = np.arange(n_groups) // groups_per_batch
+    n_batches = int(batch_of_group.max()) + 1
+
+    # each group anchors as many negatives as it has positives, cycling over a shuffle of its images
+    shuffled = g_members[np.lexsort((rng.random(len(g_members)), member_group))]
+    first_pair = np.searchsorted(pos_group, np.arange(n_groups))
+    t = np.arange(len(pos_group)) - first_pair[pos_group]
+    anchors = shuffled[g_off[pos_group] + t % g_len[pos_group]]
+    neg_batch = batch_of_group[pos_group]
+
+    # partners come from the batch's own images (unique per batch), or from all rows when a
+    # batch holds a single class
+    bm_keys = _sorted_unique(batch_of_group[member_group] * n_total + g_members)
+    bm_batch, bm_rows = bm_keys // n_total, bm_keys % n_total
+    b_off = np.searchsorted(bm_batch, np.arange(n_batches + 1))
+    bm_labels = labels[bm_rows]
+    one_class = np.minimum.reduceat(bm_labels, b_off[:-1]) == np.maximum.reduceat(bm_labels, b_off[:-1])
+    # negatives pair two classes, so they can only repeat each other, never a positive
+    partners = _draw_negatives(anchors, neg_batch, bm_rows, b_off, one_class, rows, labels, rng, n_total, neighbors)
+
+    pos_batch = batch_of_group[pos_group]
+    pos_order = np.argsort(pos_batch, kind="stable")
+    neg_order = np.argsort(neg_batch, kind="stable")
+    p_off = np.searchsorted(pos_batch[pos_order], np.arange(n_batches + 1))
+    batches = []
+    for b in range(n_batches):
+        pa, pb = pos_a[pos_order[p_off[b]:p_off[b + 1]]], pos_b[pos_order[p_off[b]:p_off[b + 1]]]
+        sel = neg_order[p_off[b]:p_off[b + 1]]  # as many negatives as positives, same groups
+        na, nb = anchors[sel], partners[sel]
+        ok = nb >= 0
+        if not ok.all():  # rare: duplicates could not be avoided; keep the batch balanced
+            keep = np.sort(rng.permutation(len(pa))[: int(ok.sum())])
+            pa, pb, na, nb = pa[keep], pb[keep], na[ok], nb[ok]
+        images = _sorted_unique(np.concatenate([bm_rows[b_off[b]:b_off[b + 1]], nb]))
+        a, bb = np.concatenate([pa, na]), np.concatenate([pb, nb])
+        y = np.concatenate([np.ones(len(pa), np.float32), np.zeros(len(na), np.float32)])
+        batches.append(PairBatch(images, np.searchsorted(images, a), np.searchsorted(images, bb), y))
+    return batches
+
+
+def _positive_groups(labels, rows, pairs_per_class, group_size, rng, n_total):
+    """Per class, groups of its images and the positive pairs inside them.
+
+    Returns flat group members (sum of group sizes,), group sizes (G,), and pairs a, b and
+    their group (P,), groups numbered in class order. Groups of one permutation are disjoint,
+    so their pairs are distinct; only classes needing a second permutation check repeats."""
+    members_all, lens, pa, pb, pg = [], [], [], [], []
+    n_groups = 0
+    order = np.argsort(labels[rows], kind="stable")
+    sorted_rows = rows[order]
+    classes, starts, counts = np.unique(labels[sorted_rows], return_index=True, return_counts=True)
+    for start, n_c in zip(starts.tolist(), counts.tolist()):
         if n_c < 2:
             continue
+        members = sorted_rows[start:start + n_c]
         max_pos = n_c * (n_c - 1) // 2
         n_pos = min(pairs_per_class, max_pos)
         g = n_c if (n_c <= group_size or 2 * n_pos > max_pos) else group_size
         tri_a, tri_b = np.triu_indices(g, 1)
-        got = 0
-        while got < n_pos:
-            perm = rng.permutation(members)
-            n_groups = n_c // g
-            for grp in perm[: n_groups * g].reshape(n_groups, g):
-                a, b = grp[tri_a], grp[tri_b]
-                keys = np.minimum(a, b) * n_total + np.maximum(a, b)
-                fresh = np.array([k not in used for k in keys.tolist()], dtype=bool)
-                a, b, keys = a[fresh][: n_pos - got], b[fresh][: n_pos - got], keys[fresh][: n_pos - got]
-                if len(a) == 0:
-                    continue
-                used.update(keys.tolist())
-                groups.append((grp, a, b))
-                got += len(a)
-                if got >= n_pos:
-                    break
-    order = rng.permutation(len(groups))
-    batches = []
-    for start in range(0, len(order), groups_per_batch):
-        chosen = [groups[k] for k in order[start : start + groups_per_batch]]
-        batches.append(_batch_with_negatives(chosen, labels, rows, rng, used, n_total, neighbors))
-    return batches
+        taken = np.empty(0, dtype=np.int64)
+        while len(taken) < n_pos:
+            grp = rng.permutation(members)[: (n_c // g) * g].reshape(-1, g)
+            a, b = grp[:, tri_a], grp[:, tri_b]
+            keys = np.minimum(a, b) * n_total + np.maximum(a, b)
+            fresh = ~np.isin(keys, taken) if len(taken) else np.ones(keys.shape, dtype=bool)
+            pick = np.flatnonzero(fresh.ravel())[: n_pos - len(taken)]
+            gid = pick // len(tri_a)
+            kept, local = np.unique(gid, return_inverse=True)
+            members_all.append(grp[kept].ravel())
+            lens.append(np.full(len(kept), g))
+            pa.append(a.ravel()[pick])
+            pb.append(b.ravel()[pick])
+            pg.append(n_groups + local)
+            n_groups += len(kept)
+            taken = np.concatenate([taken, keys.ravel()[pick]])
+    cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+    return cat(members_all), cat(lens), cat(pa), cat(pb), cat(pg)
 
 
-def _batch_with_negatives(chosen, labels, rows, rng, used, n_total, neighbors) -> PairBatch:
-    members = np.unique(np.concatenate([m for m, _, _ in chosen]))
-    pos_a = np.concatenate([a for _, a, _ in chosen])
-    pos_b = np.concatenate([b for _, _, b in chosen])
-    # each group anchors as many negatives as it has positives, cycling over its images
-    anchors = np.concatenate([np.resize(rng.permutation(m), len(a)) for m, a, _ in chosen])
-    partner_pool = members
-    if len(np.unique(labels[members])) < 2:
-        partner_pool = rows  # a batch of one class: take partners from the whole epoch pool
-    neg_a, neg_b = _draw_negatives(anchors, partner_pool, labels, rng, used, n_total, neighbors)
-    if len(neg_a) < len(pos_a):  # rare: duplicates could not be avoided; keep the batch balanced
-        keep = rng.permutation(len(pos_a))[: len(neg_a)]
-        pos_a, pos_b = pos_a[keep], pos_b[keep]
-    images = np.unique(np.concatenate([members, neg_b]))
-    a = np.concatenate([pos_a, neg_a])
-    b = np.concatenate([pos_b, neg_b])
-    y = np.concatenate([np.ones(len(pos_a), np.float32), np.zeros(len(neg_a), np.float32)])
-    return PairBatch(images, np.searchsorted(images, a), np.searchsorted(images, b), y)
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    s = np.sort(x)
+    return s[np.concatenate([[True], s[1:] != s[:-1]])] if len(s) else s
 
 
-def _draw_negatives(anchors, pool, labels, rng, used, n_total, neighbors, tries: int = 8):
+def _in_sorted(x: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    """np.isin(x, sorted_values) by binary search: the values are already sorted."""
+    if not len(sorted_values):
+        return np.zeros(x.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_values, x), len(sorted_values) - 1)
+    return sorted_values[pos] == x
+
+
+def _draw_negatives(anchors, batch, bm_rows, b_off, one_class, rows, labels, rng, n_total, neighbors, tries: int = 8):
+    """Partners (n,) for negative anchors (n,), -1 where none could be found: another class,
+    from the anchor's batch (or its hard neighbours), no pair repeated in the epoch."""
     n = len(anchors)
     partners = np.full(n, -1, dtype=np.int64)
     hard = np.zeros(n, dtype=bool)
     if neighbors is not None:
         hard[rng.permutation(n)[: n // 2]] = True
+    size = b_off[batch + 1] - b_off[batch]
+    used = np.empty(0, dtype=np.int64)  # sorted keys of the negatives accepted so far
     pending = np.arange(n)
     for attempt in range(tries):
         if len(pending) == 0:
             break
-        cand = pool[rng.integers(0, len(pool), len(pending))]
-        if neighbors is not None:
-            h = hard[pending]
-            if h.any():
-                nb = neighbors[anchors[pending[h]]]
-                cand[h] = nb[np.arange(len(nb)), rng.integers(0, nb.shape[1], len(nb))]
-        ok = labels[cand] != labels[anchors[pending]]
-        keys = np.minimum(anchors[pending], cand) * n_total + np.maximum(anchors[pending], cand)
-        for p, c, key, good in zip(pending.tolist(), cand.tolist(), keys.tolist(), ok.tolist()):
-            if good and key not in used:
-                used.add(key)
-                partners[p] = c
-        pending = np.flatnonzero(partners < 0)
+        wide = one_class[batch[pending]]
+        cand = np.where(wide, rows[rng.integers(0, len(rows), len(pending))],
+                        bm_rows[b_off[batch[pending]] + rng.integers(0, size[pending])])
+        h = hard[pending]
+        if h.any():
+            nb = neighbors[anchors[pending[h]]]
+            cand[h] = nb[np.arange(len(nb)), rng.integers(0, nb.shape[1], len(nb))]
+        a = anchors[pending]
+        keys = np.minimum(a, cand) * n_total + np.maximum(a, cand)
+        good = (labels[cand] != labels[a]) & ~_in_sorted(keys, used)
+        order = np.argsort(keys, kind="stable")  # a key drawn twice in this round: keep the first
+        repeat = np.zeros(len(keys), dtype=bool)
+        repeat[order[1:]] = keys[order[1:]] == keys[order[:-1]]
+        good &= ~repeat
+        partners[pending[good]] = cand[good]
+        used = np.sort(np.concatenate([used, keys[good]]))
+        pending = pending[~good]
         if attempt == tries // 2:
             hard[pending] = False  # fall back to random partners for stubborn anchors
-    done = partners >= 0
-    return anchors[done], partners[done]
+    return partners
 
 
 # --- training ---------------------------------------------------------------------------
+
+
+def train_epoch(head: PairHead, opt: torch.optim.Optimizer, xn: torch.Tensor, batches: list[PairBatch]) -> tuple[float, int, int]:
+    """One pass over `batches`; xn: (n, d) float32 features already through `head.normalize`
+    (once per fit, not once per batch). Each batch embeds its images once and forms its
+    pairs from the embeddings. Returns (summed loss, correct, pairs)."""
+    head.train()
+    total, correct, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64), 0
+    for b in batches:
+        emb = head.embedding(xn.index_select(0, torch.from_numpy(b.images)))
+        logit = pair_logits_of_batch(head, emb, b.i, b.j)
+        y = torch.from_numpy(b.y)
+        loss = F.binary_cross_entropy_with_logits(logit, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # summed as tensors: no conversion to Python per batch
+            total += loss.detach() * len(y)
+            correct += ((logit.detach() > 0) == (y > 0.5)).sum()
+        count += len(y)
+    return float(total), int(correct), count
 
 
 @dataclass(frozen=True)
@@ -304,6 +382,7 @@ def train_head(cfg: HeadConfig) -> Path:
         "kind": HEAD_KIND,
         "head": result.head.config(),
         "config": to_jsonable(cfg),
+        "pair_sampler_version": PAIR_SAMPLER_VERSION,
         "seed": cfg.seed,
         "history": result.history,
         "best_epoch": result.best_epoch,
@@ -354,7 +433,8 @@ def fit_head(features: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, v
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         head = PairHead(features.shape[1], cfg.head, cfg.hidden, cfg.dropout)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    train_xn = head.normalize(train_x)
     history: list[dict] = []
     best_loss, best_epoch, best_state, stale = math.inf, -1, None, 0
     with Progress("train-head", total=cfg.epochs, quiet=cfg.quiet, unit="epoch") as bar:
@@ -363,21 +443,9 @@ def fit_head(features: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, v
             batches = sample_pair_batches(
                 train_y, local_train, cfg.pairs_per_class, _epoch_rng(cfg.seed, epoch, 0), cfg.group_size, cfg.groups_per_batch, neighbors
             )
-            head.train()
-            total, correct, count = 0.0, 0, 0
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout masks, reproducible per epoch
-                for b in batches:
-                    emb = head.embed(train_x.index_select(0, torch.from_numpy(b.images)))
-                    logit = pair_logits_of_batch(head, emb, b.i, b.j)
-                    y = torch.from_numpy(b.y)
-                    loss = F.binary_cross_entropy_with_logits(logit, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(y)
-                    correct += int(((logit.detach() > 0) == (y > 0.5)).sum())
-                    count += len(y)
+                total, correct, count = train_epoch(head, opt, train_xn, batches)
             row = {"epoch": epoch, "train_loss": total / count, "train_accuracy": correct / count, "train_pairs": count}
             if val_batches:
                 m = _evaluate_pairs(head, val_x, val_batches)

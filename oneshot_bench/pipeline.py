@@ -17,9 +17,9 @@ from pathlib import Path
 
 from oneshot_bench.cache import EncodeConfig, encode, read_attrs
 from oneshot_bench.data import DataConfig, open_source
-from oneshot_bench.episodes import EpisodeConfig, run_episodes
-from oneshot_bench.finetune import FinetuneConfig, finetune
-from oneshot_bench.head import HeadConfig, train_head
+from oneshot_bench.episodes import SAMPLER_VERSION, EpisodeConfig, run_episodes
+from oneshot_bench.finetune import FinetuneConfig, finetune, finetune_identity
+from oneshot_bench.head import PAIR_SAMPLER_VERSION, HeadConfig, train_head
 from oneshot_bench.provenance import (
     TRUNK_KIND,
     check_writable,
@@ -87,7 +87,7 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
     weights = cfg.trunk.weights
     if cfg.do_finetune:
         ft = dataclasses.replace(cfg.finetune, data=cfg.data, split=cfg.split, trunk=cfg.trunk, quiet=cfg.quiet)
-        key = config_hash([stage_identity(ft), data_fp])
+        key = config_hash([finetune_identity(ft), data_fp])
         ft = dataclasses.replace(ft, out=out_dir / f"finetune-{key}.pt")
         stages.append(_stage("finetune", ft.out, lambda: finetune(ft)))
         weights = str(ft.out)
@@ -103,7 +103,7 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
     cache_fp = cache_attrs["data_fingerprint"] + cache_attrs["feature_space_sha256"]
 
     hc = dataclasses.replace(cfg.head, cache=enc.out, quiet=cfg.quiet)
-    key = config_hash([stage_identity(hc, drop=("cache",)), cache_fp])
+    key = config_hash([stage_identity(hc, drop=("cache",)), cache_fp, PAIR_SAMPLER_VERSION])
     hc = dataclasses.replace(hc, out=out_dir / f"head-{key}.pt")
     stages.append(_stage("train-head", hc.out, lambda: train_head(hc)))
     head_key = key
@@ -120,7 +120,7 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
             n_episodes=cfg.n_episodes if protocol == "episodes" else cfg.seed_protocol_episodes,
             seed=cfg.episode_seed, protocol=protocol, scorers=cfg.scorers, candidates=cfg.candidates, quiet=cfg.quiet,
         )
-        key = config_hash([stage_identity(ec, drop=("cache", "head", "batch_size")), cache_fp, head_key])
+        key = config_hash([stage_identity(ec, drop=("cache", "head", "batch_size")), cache_fp, head_key, SAMPLER_VERSION])
         path = out_dir / f"episodes-{protocol}-{n_way or 'all'}w{n_shot}s-{key}.json"
         per_ep = path.with_name(path.stem + ".per_episode.json")
         ec = dataclasses.replace(ec, json_out=path, per_episode_out=per_ep)

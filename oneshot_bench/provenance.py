@@ -26,28 +26,33 @@ HEAD_KIND = "oneshot-bench/head"
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape results, for provenance."""
-    import h5py
+    """Versions of the packages that shape results, for provenance. Read from the installed
+    distributions' metadata: importing torchvision or faiss just for a version string would
+    cost a command that never uses them seconds and over 100 MB of memory."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import torchvision
 
     import oneshot_bench
+
+    def dist(*names: str) -> str:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return "missing"
 
     versions = {
         "python": platform.python_version(),
         "oneshot_bench": oneshot_bench.__version__,
         "numpy": np.__version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "h5py": h5py.__version__,
+        "torchvision": dist("torchvision"),
+        "h5py": dist("h5py"),
         "platform": platform.platform(),
+        "faiss": dist("faiss-cpu", "faiss-gpu", "faiss"),
     }
-    try:
-        import faiss
-
-        versions["faiss"] = faiss.__version__
-    except ImportError:  # pragma: no cover - faiss is a hard dependency
-        versions["faiss"] = "missing"
     return versions
 
 
@@ -73,7 +78,7 @@ _NOT_IDENTITY = ("out", "quiet", "download", "json_out", "per_episode_out", "wor
 
 # Options added after artefacts already existed: at their "off" value they are left out of a
 # stage's identity, so that artefacts made before the option existed keep their keys.
-_OFF_VALUES = {"mixup": 0.0}
+_OFF_VALUES = {"mixup": 0.0, "precision": "fp32", "crop_scale": 1.0}
 
 
 def stage_identity(obj: Any, drop: tuple[str, ...] = ()) -> Any:

@@ -64,25 +64,46 @@ class CL2NScorer(L2Scorer):
 class PairHeadScorer(Scorer):
     """The head's same-class probability; with S > 1 shots, the mean over the class's
     supports. With a candidate mask (E, Q, K*S), only candidate supports are scored (the
-    others count as 0) and a class without candidates scores -1, below any probability."""
+    others count as 0) and a class without candidates scores -1, below any probability.
+
+    siamese-l1's logit w.|e1 - e2| + b is a difference of two L1 distances between rescaled
+    embeddings (the dimensions where w > 0 and those where w < 0), so it runs as two
+    torch.cdist(p=1) calls and never materialises the (E, Q, K*S, hidden) differences."""
 
     name = "pair-head"
 
-    def __init__(self, head, features: torch.Tensor, max_elements: int = 1 << 22) -> None:
+    def __init__(self, head, features: torch.Tensor, rows: np.ndarray | None = None, max_elements: int = 1 << 22) -> None:
+        """rows: the only feature rows episodes will use (the pool); None = all."""
+        rows = torch.arange(len(features)) if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        self.pos = torch.full((len(features),), -1, dtype=torch.long)
+        self.pos[rows] = torch.arange(len(rows))
         with torch.inference_mode():  # in chunks: the normalised copy of all features is not needed at once
-            self.emb = torch.cat([head.embed(features[i : i + 4096]) for i in range(0, len(features), 4096)])
+            self.emb = torch.cat([head.embed(features[rows[i : i + 4096]]) for i in range(0, len(rows), 4096)])
+            self.l1 = None
+            if head.kind == "siamese-l1":
+                w, self.bias = head.combine.weight[0], float(head.combine.bias[0])
+                self.l1 = (self.emb[:, w > 0] * w[w > 0], self.emb[:, w < 0] * -w[w < 0])
         self.head = head
         self.max_elements = max_elements
 
+    def _logits(self, query: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """(E, q) query rows and (E, KS) support rows -> (E, q, KS) logits."""
+        if self.l1 is not None:
+            pos, neg = self.l1
+            out = torch.cdist(pos[query], pos[support], p=1)
+            if neg.shape[1]:
+                out -= torch.cdist(neg[query], neg[support], p=1)
+            return out + self.bias
+        return self.head.pair_logits(self.emb[query].unsqueeze(2), self.emb[support].unsqueeze(1))
+
     def score(self, support, query, candidates=None):
         n_ep, k, s = support.shape
-        sup = self.emb[support.reshape(n_ep, k * s)]  # (E, KS, h)
+        sup, query = self.pos[support.reshape(n_ep, k * s)], self.pos[query]
         out = torch.empty((n_ep, query.shape[1], k), dtype=torch.float32)
-        step = max(1, self.max_elements // max(1, n_ep * k * s * sup.shape[-1]))
+        width = self.emb.shape[1] if self.l1 is None else 1  # cdist keeps no per-dimension temporaries
+        step = max(1, self.max_elements // max(1, n_ep * k * s * width))
         for q0 in range(0, query.shape[1], step):
-            qe = self.emb[query[:, q0 : q0 + step]]  # (E, q, h)
-            prob = torch.sigmoid(self.head.pair_logits(qe.unsqueeze(2), sup.unsqueeze(1)))  # (E, q, KS)
-            prob = prob.view(n_ep, -1, k, s)
+            prob = torch.sigmoid(self._logits(query[:, q0 : q0 + step], sup)).view(n_ep, -1, k, s)  # (E, q, K, S)
             if candidates is None:
                 out[:, q0 : q0 + step] = prob.mean(3)
             else:
@@ -106,6 +127,7 @@ class PoolGram:
         pool = features[torch.from_numpy(pool_rows)]
         self.d = pool @ pool.T
         self.sq = torch.diagonal(self.d).clone()
+        self.inv_norm = 1.0 / self.sq.clamp(min=1e-12).sqrt()
         self.pos = torch.full((len(features),), -1, dtype=torch.long)
         self.pos[torch.from_numpy(pool_rows)] = torch.arange(len(pool_rows))
         if mean is not None:
@@ -113,19 +135,25 @@ class PoolGram:
             self.c = mean @ mean
             self.nc = (self.sq - 2 * self.a + self.c).clamp(min=1e-12).sqrt()
 
+    def pairs(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """D between pool positions a (E, p) and b (E, r): (E, p, r). One gather from the
+        flattened D: several times faster than two-index advanced indexing."""
+        idx = a.unsqueeze(2) * self.d.shape[0] + b.unsqueeze(1)
+        return self.d.view(-1).index_select(0, idx.view(-1)).view(idx.shape)
+
     def blocks(self, support: torch.Tensor, query: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(E, Q, K*S) query-support and, for S > 1, (E, K*S, K*S) support-support products.
         kind: "raw" (x.y), "cos" (x.y / |x||y|) or "cl2n" (centred, normalised)."""
         n_ep, k, s = support.shape
         qp, sp = self.pos[query], self.pos[support.reshape(n_ep, k * s)]
-        qs = self.d[qp.unsqueeze(2), sp.unsqueeze(1)]
-        ss = self.d[sp.unsqueeze(2), sp.unsqueeze(1)] if s > 1 else None
+        qs = self.pairs(qp, sp)
+        ss = self.pairs(sp, sp) if s > 1 else None
         if kind == "raw":
             return qs, ss
         if kind == "cos":
-            norm = self.sq.clamp(min=1e-12).sqrt()
-            nq, ns = norm[qp].unsqueeze(2), norm[sp].unsqueeze(1)
-            return qs / (nq * ns), None if ss is None else ss / (norm[sp].unsqueeze(2) * ns)
+            inv = self.inv_norm
+            qs = qs * inv[qp].unsqueeze(2) * inv[sp].unsqueeze(1)
+            return qs, None if ss is None else ss * inv[sp].unsqueeze(2) * inv[sp].unsqueeze(1)
         aq, as_ = self.a[qp].unsqueeze(2), self.a[sp].unsqueeze(1)
         nq, ns = self.nc[qp].unsqueeze(2), self.nc[sp].unsqueeze(1)
         qs = (qs - aq - as_ + self.c) / (nq * ns)
@@ -193,7 +221,7 @@ def build_scorers(names: list[str], features: np.ndarray, seen_mean: np.ndarray 
         elif name == "pair-head":
             if head is None:
                 raise OneShotBenchError("scorer pair-head needs --head PATH (a checkpoint from train-head)")
-            out.append(PairHeadScorer(head, x))
+            out.append(PairHeadScorer(head, x, pool_rows))
         else:
             raise OneShotBenchError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
     return out

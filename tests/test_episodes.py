@@ -55,6 +55,28 @@ def test_episodes_are_pure_in_seed_and_index(tmp_path):
         assert len(set(ep.classes[e])) == 5 and (cache.class_roles[ep.classes[e]] == "unseen").all()
 
 
+def test_episode_sampling_is_uniform():
+    """Classes, supports and queries are drawn uniformly: chi-square against equal counts."""
+    from oneshot_bench.episodes import pool_from_labels
+
+    labels = np.repeat(np.arange(8), np.array([10, 12, 9, 30, 10, 11, 16, 10]))
+    pool = pool_from_labels(labels, np.arange(len(labels)))
+    ep = sample_episodes(pool, np.arange(20_000), 3, 4, 1, 3)
+
+    def chi2_ok(counts):  # mean + 5 sd of a chi-square with len(counts) - 1 degrees of freedom
+        expected = counts.sum() / len(counts)
+        dof = len(counts) - 1
+        return ((counts - expected) ** 2 / expected).sum() < dof + 5 * np.sqrt(2 * dof)
+
+    assert chi2_ok(np.bincount(ep.classes.ravel(), minlength=8))
+    for c in (0, 3):  # a small and a large class: each image equally often a support, a query
+        rows = np.flatnonzero(labels == c)
+        assert chi2_ok(np.bincount(ep.support.ravel(), minlength=len(labels))[rows])
+        assert chi2_ok(np.bincount(ep.query.ravel(), minlength=len(labels))[rows])
+    # the order of the K classes is random too: class 0 equally often in each slot
+    assert chi2_ok(np.array([(ep.classes[:, k] == 0).sum() for k in range(4)]))
+
+
 def test_results_identical_across_batch_size_workers_and_prefix(tmp_path):
     path = cluster_cache(tmp_path / "c.h5", n_classes=14, per_class=25, seen=6, spread=0.35)
     base = dict(cache=path, n_way=5, n_shot=1, n_query=5, quiet=True)
@@ -168,3 +190,29 @@ def test_gram_scorers_equal_the_gathering_scorers(n_shot):
         assert type(a).__name__ != type(b).__name__
         sa, sb = a.score(support, query), b.score(support, query)
         assert torch.allclose(sa, sb, rtol=1e-4, atol=1e-4), a.name
+
+
+@pytest.mark.parametrize("kind", ["siamese-l1", "siamese-mix"])
+def test_pair_head_scorer_matches_the_head_pair_by_pair(kind):
+    """The scorer's shortcuts (pool-only embeddings; siamese-l1 as two L1 distances) give the
+    head's own probabilities, averaged over each class's shots."""
+    import torch
+
+    from oneshot_bench.head import PairHead
+    from oneshot_bench.scorers import PairHeadScorer
+
+    torch.manual_seed(0)
+    head = PairHead(16, kind).eval()
+    feats = torch.randn(50, 16)
+    pool = np.arange(10, 50)
+    scorer = PairHeadScorer(head, feats, pool, max_elements=300)  # small chunks: several query slices
+    support = torch.from_numpy(np.random.default_rng(0).choice(pool, (3, 4, 2)))  # E=3, K=4, S=2
+    query = torch.from_numpy(np.random.default_rng(1).choice(pool, (3, 7)))
+    with torch.inference_mode():
+        got = scorer.score(support, query)
+        for e in range(3):
+            for q in range(7):
+                for k in range(4):
+                    x1 = feats[query[e, q]].expand(2, 16)
+                    want = torch.sigmoid(head(x1, feats[support[e, k]])).mean()
+                    assert abs(float(got[e, q, k]) - float(want)) < 1e-5

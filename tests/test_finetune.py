@@ -18,7 +18,8 @@ runner = CliRunner()
 
 def _cfg(root, out, **kw):
     base = dict(data=DataConfig(dataset=f"folder:{root}"), split=SplitConfig("ratio:0.67", val_fraction=0.25),
-                trunk=TrunkConfig(weights="none"), out=out, epochs=2, batch_size=16, pairs_per_class=20, quiet=True)
+                trunk=TrunkConfig(weights="none"), out=out, epochs=2, batch_size=16, pairs_per_class=20, quiet=True,
+                group_size=4)  # tiny classes and batches: the default groups of 12 would leave a few steps an epoch
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -135,6 +136,7 @@ def test_finetune_errors(data6, tmp_path):
     for args, needle in (
         (["--train-from", "layer9"], "unknown --train-from"),
         (["--objective", "triplets"], "unknown --objective"),
+        (["--precision", "fp8"], "unknown --precision"),
         (["--out", str(tmp_path)], "is a directory"),
     ):
         r = runner.invoke(app, base + args)
@@ -151,3 +153,34 @@ def test_mixup_trains_and_is_reproducible(data6, tmp_path):
     meta, b = load_checkpoint(finetune(_cfg(data6, tmp_path / "b.pt", **cfg)), TRUNK_KIND)
     assert all(torch.equal(a["trunk"][k], b["trunk"][k]) for k in a["trunk"])
     assert meta["config"]["mixup"] == 0.4 and all(np.isfinite(h["train_loss"]) for h in meta["history"])
+
+
+def test_bf16_training_tracks_fp32_and_keeps_float32_weights(tmp_path):
+    root = write_folder(tmp_path / "imgs", n_classes=8, per_class=30, size=16)
+    cfg = dict(split=SplitConfig("ratio:1", val_fraction=0.25), train_from="all", epochs=4, lr=0.05, augment=False,
+               pairs_per_class=40)
+    m32, _ = load_checkpoint(finetune(_cfg(root, tmp_path / "a.pt", **cfg)), TRUNK_KIND)
+    m16, t16 = load_checkpoint(finetune(_cfg(root, tmp_path / "b.pt", precision="bf16", **cfg)), TRUNK_KIND)
+    h32, h16 = m32["history"], m16["history"]
+    # same batches, same initialisation: the first epoch's mean loss agrees within 5%
+    assert abs(h16[0]["train_loss"] - h32[0]["train_loss"]) < 0.05 * h32[0]["train_loss"]
+    assert h16[-1]["train_loss"] < h16[0]["train_loss"] and max(r["val_accuracy"] for r in h16) > 0.8
+    assert all(v.dtype in (torch.float32, torch.int64) for v in t16["trunk"].values())
+    assert m16["config"]["precision"] == "bf16"
+
+
+def test_resized_crops_keep_geometry_and_values():
+    from oneshot_bench.finetune import resized_crop_batch
+
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.full((8, 3, 16, 16), 0.7)
+    assert torch.allclose(resized_crop_batch(flat, gen, 0.35), flat)  # interpolating a constant gives it back
+    ramp = torch.arange(16.0).view(1, 1, 1, 16).expand(64, 3, 16, 16).contiguous()
+    out = resized_crop_batch(ramp, gen, 0.35)
+    step = out[..., 1:] - out[..., :-1]  # a crop of a left-to-right ramp is a ramp, mirrored when flipped
+    rising = (step >= -1e-5).all(-1).all(-1).all(-1)
+    falling = (step <= 1e-5).all(-1).all(-1).all(-1)
+    assert bool((rising | falling).all()) and 10 < int(rising.sum()) < 54
+    assert out.min() >= 0 and out.max() <= 15
+    span = out[..., -1] - out[..., 0]  # crops cover between sqrt(0.35 * 3/4) and all of the width
+    assert span.abs().min() > 0.45 * 15 and span.abs().max() <= 15 + 1e-4

@@ -52,6 +52,37 @@ def test_pair_sampler_balance_coverage_no_duplicates_and_rows():
         assert (batch.y == 1).sum() == (batch.y == 0).sum()
 
 
+@pytest.mark.parametrize("per_class,pairs,group_size,groups_per_batch,hard", [
+    (12, 30, 5, 6, False),  # 2 groups of 5 give 20 pairs: a second permutation, repeats dropped
+    (7, 30, 5, 4, False),  # 21 possible pairs: every pair of the class, one group of all
+    (30, 40, 5, 1, False),  # one group per batch: a single class, partners from all rows
+    (30, 40, 5, 6, True),  # half the negatives from the hard neighbours
+])
+def test_pair_sampler_rules_hold_in_edge_cases(per_class, pairs, group_size, groups_per_batch, hard):
+    labels = np.repeat(np.arange(6), per_class)
+    rows = np.flatnonzero(labels < 5)
+    rng = np.random.default_rng(1)
+    neighbors = None
+    if hard:  # each image's "nearest" other-class images: the next class's first ten
+        neighbors = np.stack([np.flatnonzero(labels == (labels[r] + 1) % 5)[:10] for r in range(len(labels))])
+    batches = sample_pair_batches(labels, rows, pairs, rng, group_size, groups_per_batch, neighbors)
+    a = np.concatenate([b.images[b.i] for b in batches])
+    b_ = np.concatenate([b.images[b.j] for b in batches])
+    y = np.concatenate([b.y for b in batches])
+    n_pos = min(pairs, per_class * (per_class - 1) // 2)
+    assert (y == 1).sum() == (y == 0).sum() == 5 * n_pos
+    assert np.isin(np.concatenate([a, b_]), rows).all()
+    assert np.all((labels[a] == labels[b_]) == (y == 1))
+    keys = np.minimum(a, b_) * 1000 + np.maximum(a, b_)
+    assert len(np.unique(keys)) == len(keys)
+    for batch in batches:
+        assert (batch.y == 1).sum() == (batch.y == 0).sum()
+    if hard:  # about half the negatives (the hard ones) pair with the first ten of the next class
+        neg_a, neg_b = a[y == 0], b_[y == 0]
+        from_nb = np.array([nb in neighbors[an] for an, nb in zip(neg_a, neg_b)])
+        assert from_nb.mean() > 0.45
+
+
 def test_unseen_features_never_touch_training(tmp_path):
     path = cluster_cache(tmp_path / "c.h5", n_classes=10, per_class=20, seen=6)
     import h5py
