@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,14 @@ def test_resized_crops_keep_geometry_and_values():
     assert out.min() >= 0 and out.max() <= 15
     span = out[..., -1] - out[..., 0]  # crops cover between sqrt(0.35 * 3/4) and all of the width
     assert span.abs().min() > 0.45 * 15 and span.abs().max() <= 15 + 1e-4
+
+
+def test_stage_identity_ignores_pair_options_for_classes_only():
+    from oneshot_bench.finetune import finetune_identity
+
+    a = FinetuneConfig(objective="classes", group_size=4, pairs_per_class=250)
+    b = FinetuneConfig(objective="classes", group_size=12, pairs_per_class=100, out=Path("elsewhere.pt"), quiet=True)
+    assert finetune_identity(a) == finetune_identity(b)  # a classes run is reused whatever the pair options
+    pa, pb = (FinetuneConfig(objective="pairs", group_size=g) for g in (4, 12))
+    assert finetune_identity(pa) != finetune_identity(pb) and "pair_sampler_version" in finetune_identity(pa)
+    assert finetune_identity(FinetuneConfig(precision="bf16")) != finetune_identity(FinetuneConfig())
