@@ -151,8 +151,8 @@ def sample_pair_batches(
     shuffled = g_members[np.lexsort((rng.random(len(g_members)), member_group))]
     first_pair = np.searchsorted(pos_group, np.arange(n_groups))
     t = np.arange(len(pos_group)) - first_pair[pos_group]
-    anchors = shuffled[g_off[pos_group] + t % g_len[pos_group]]
-    neg_batch = batch_of_group[pos_group]
+    anchors = shuffled[g_off[pos_group] + t % g_len[pos_group]]  # negative k goes with positive k
+    pair_batch = batch_of_group[pos_group]
 
     # partners come from the batch's own images (unique per batch), or from all rows when a
     # batch holds a single class
@@ -162,17 +162,14 @@ def sample_pair_batches(
     bm_labels = labels[bm_rows]
     one_class = np.minimum.reduceat(bm_labels, b_off[:-1]) == np.maximum.reduceat(bm_labels, b_off[:-1])
     # negatives pair two classes, so they can only repeat each other, never a positive
-    partners = _draw_negatives(anchors, neg_batch, bm_rows, b_off, one_class, rows, labels, rng, n_total, neighbors)
+    partners = _draw_negatives(anchors, pair_batch, bm_rows, b_off, one_class, rows, labels, rng, n_total, neighbors)
 
-    pos_batch = batch_of_group[pos_group]
-    pos_order = np.argsort(pos_batch, kind="stable")
-    neg_order = np.argsort(neg_batch, kind="stable")
-    p_off = np.searchsorted(pos_batch[pos_order], np.arange(n_batches + 1))
+    order = np.argsort(pair_batch, kind="stable")
+    p_off = np.searchsorted(pair_batch[order], np.arange(n_batches + 1))
     batches = []
     for b in range(n_batches):
-        pa, pb = pos_a[pos_order[p_off[b]:p_off[b + 1]]], pos_b[pos_order[p_off[b]:p_off[b + 1]]]
-        sel = neg_order[p_off[b]:p_off[b + 1]]  # as many negatives as positives, same groups
-        na, nb = anchors[sel], partners[sel]
+        sel = order[p_off[b]:p_off[b + 1]]  # the batch's positives, and as many negatives
+        pa, pb, na, nb = pos_a[sel], pos_b[sel], anchors[sel], partners[sel]
         ok = nb >= 0
         if not ok.all():  # rare: duplicates could not be avoided; keep the batch balanced
             keep = np.sort(rng.permutation(len(pa))[: int(ok.sum())])
