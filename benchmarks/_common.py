@@ -68,10 +68,21 @@ def best_of(fn, repeats: int) -> float:
 RUN_DIR = ROOT / "cache" / "runs" / "tiny32-classes"
 
 
+def run_stage_path(stage: str) -> Path | None:
+    """The file a stage of the README run (cache/runs/tiny32-classes) used, from its
+    report.json: the directory may also hold files of earlier configurations."""
+    import json
+
+    report = RUN_DIR / "report.json"
+    if not report.exists():
+        return None
+    path = json.loads(report.read_text())["stages"].get(stage, {}).get("path")
+    return Path(path) if path else None
+
+
 def run_cache(cache: Path | None, quick: bool) -> Path:
     """The cache to study: --cache, else the README run's (cache/runs/tiny32-classes), else
     with --quick a 40-class random-weight cache built under cache/bench/."""
-    import glob
     import sys
 
     if cache is not None:
@@ -80,7 +91,7 @@ def run_cache(cache: Path | None, quick: bool) -> Path:
         from head_speed import bench_cache
 
         return bench_cache(TINY, True).path
-    found = sorted(glob.glob(str(RUN_DIR / "cache-*.h5")))
-    if not found:
-        sys.exit("error: no cache under cache/runs/tiny32-classes; run `make demo-offline` first or pass --cache")
-    return Path(found[0])
+    found = run_stage_path("encode")
+    if found is None or not found.exists():
+        sys.exit("error: no README run under cache/runs/tiny32-classes; run `make demo-offline` first or pass --cache")
+    return found

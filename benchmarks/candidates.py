@@ -9,10 +9,9 @@ scoring time; the reference is m = all (the head scores every support).
 from __future__ import annotations
 
 import argparse
-import glob
 from pathlib import Path
 
-from _common import ROOT, RESULTS, RUN_DIR, run_cache, write
+from _common import ROOT, RESULTS, run_cache, run_stage_path, write
 
 from oneshot_bench.episodes import EpisodeConfig, run_episodes
 from oneshot_bench.head import HeadConfig, train_head
@@ -27,8 +26,8 @@ def main() -> None:
     args = p.parse_args()
     args.cache = run_cache(args.cache, args.quick)
     if args.head is None:
-        found = sorted(glob.glob(str(RUN_DIR / "head-*.pt"))) if not args.quick else []
-        args.head = Path(found[0]) if found else ROOT / "cache/bench" / f"{args.cache.stem}-head.pt"
+        found = run_stage_path("train-head") if not args.quick else None
+        args.head = found if found is not None and found.exists() else ROOT / "cache/bench" / f"{args.cache.stem}-head.pt"
         if not args.head.exists():
             train_head(HeadConfig(cache=args.cache, out=args.head, epochs=3 if args.quick else 30, quiet=True))
     n = 10 if args.quick else 100

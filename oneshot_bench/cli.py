@@ -257,6 +257,7 @@ def run(
     epochs: Annotated[int, typer.Option(help="finetune: maximum epochs.")] = 30,
     patience: Annotated[int, typer.Option(help="finetune: early-stopping patience.")] = 5,
     lr: Annotated[float, typer.Option(help="finetune: peak learning rate.")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="finetune: weight decay.")] = 5e-4,
     batch_size: Annotated[int, typer.Option(help="finetune: images per batch.")] = 128,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="finetune: random crop + flip (default: on unless layer4).")] = None,
     label_smoothing: Annotated[float, typer.Option(help="finetune: label smoothing (classes objective).")] = 0.0,
@@ -289,6 +290,7 @@ def run(
     cfg = RunConfig(
         data=data, split=sp, trunk=trunk, out_dir=(out_dir or CACHE / "runs" / name).resolve(), do_finetune=not skip_finetune,
         finetune=FinetuneConfig(objective=objective, train_from=train_from, epochs=epochs, patience=patience, lr=lr,
+                                weight_decay=weight_decay,
                                 batch_size=batch_size, augment=augment, label_smoothing=label_smoothing, mixup=mixup, precision=precision,
                                 crop_scale=crop_scale, seed=seed),
         dtype=dtype,
