@@ -191,7 +191,7 @@ def _positive_groups(labels, rows, pairs_per_class, group_size, rng, n_total):
     n_groups = 0
     order = np.argsort(labels[rows], kind="stable")
     sorted_rows = rows[order]
-    classes, starts, counts = np.unique(labels[sorted_rows], return_index=True, return_counts=True)
+    _, starts, counts = np.unique(labels[sorted_rows], return_index=True, return_counts=True)
     for start, n_c in zip(starts.tolist(), counts.tolist()):
         if n_c < 2:
             continue
@@ -221,6 +221,8 @@ def _positive_groups(labels, rows, pairs_per_class, group_size, rng, n_total):
 
 
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique(x) by one sort: numpy 2's hash-based unique was several times slower on
+    these int64 key arrays, and it ran once per batch."""
     s = np.sort(x)
     return s[np.concatenate([[True], s[1:] != s[:-1]])] if len(s) else s
 

@@ -61,6 +61,14 @@ class CL2NScorer(L2Scorer):
         super().__init__(F.normalize(features - mean, dim=1))
 
 
+def _positions(n: int, rows: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 map from a feature row to its position among `rows` (-1 where absent), so
+    that a scorer can keep per-pool arrays and still take the episodes' cache rows."""
+    pos = torch.full((n,), -1, dtype=torch.long)
+    pos[rows] = torch.arange(len(rows))
+    return pos
+
+
 class PairHeadScorer(Scorer):
     """The head's same-class probability; with S > 1 shots, the mean over the class's
     supports. With a candidate mask (E, Q, K*S), only candidate supports are scored (the
@@ -75,8 +83,7 @@ class PairHeadScorer(Scorer):
     def __init__(self, head, features: torch.Tensor, rows: np.ndarray | None = None, max_elements: int = 1 << 22) -> None:
         """rows: the only feature rows episodes will use (the pool); None = all."""
         rows = torch.arange(len(features)) if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        self.pos = torch.full((len(features),), -1, dtype=torch.long)
-        self.pos[rows] = torch.arange(len(rows))
+        self.pos = _positions(len(features), rows)
         with torch.inference_mode():  # in chunks: the normalised copy of all features is not needed at once
             self.emb = torch.cat([head.embed(features[rows[i : i + 4096]]) for i in range(0, len(rows), 4096)])
             self.l1 = None
@@ -128,8 +135,7 @@ class PoolGram:
         self.d = pool @ pool.T
         self.sq = torch.diagonal(self.d).clone()
         self.inv_norm = 1.0 / self.sq.clamp(min=1e-12).sqrt()
-        self.pos = torch.full((len(features),), -1, dtype=torch.long)
-        self.pos[torch.from_numpy(pool_rows)] = torch.arange(len(pool_rows))
+        self.pos = _positions(len(features), torch.from_numpy(pool_rows))
         if mean is not None:
             self.a = pool @ mean
             self.c = mean @ mean
