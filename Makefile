@@ -23,7 +23,8 @@ demo: $(BIN)/oneshot-bench
 # The offline main job on the local Tiny-ImageNet stand-in at 32x32 (about 35 min here).
 demo-offline: $(BIN)/oneshot-bench
 	$(BIN)/oneshot-bench run --dataset folder:$(TINY) --image-size 32 --weights none --stem nomaxpool \
-		--train-from all --objective classes --epochs 24 --lr 0.1 --augment --split ratio:0.8 --seed 0 \
+		--train-from all --objective classes --epochs 24 --lr 0.1 --weight-decay 4e-3 --augment \
+		--split ratio:0.8 --seed 0 \
 		--n-way 5,10,20 --n-shot 1,5 --seed-protocol --out-dir cache/runs/tiny32-classes
 
 bench-quick: $(BIN)/oneshot-bench
