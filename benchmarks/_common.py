@@ -13,11 +13,14 @@ TINY = ROOT.parent / "shared" / "data" / "tiny-imagenet-200"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def parse(description: str, name: str) -> argparse.Namespace:
+def parse(description: str, name: str, extend=None) -> argparse.Namespace:
+    """The options every benchmark takes; extend(parser) adds a script's own."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="under 2 minutes, smaller sizes, same JSON keys")
     p.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="where to write the JSON result")
     p.add_argument("--data", type=Path, default=TINY, help="Tiny-ImageNet folder (one sub-folder per class)")
+    if extend is not None:
+        extend(p)
     return p.parse_args()
 
 

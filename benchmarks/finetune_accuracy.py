@@ -4,6 +4,7 @@
 once per objective (classes, pairs) with the recipe below; --ablations adds its variants:
 the first recipe (weight decay 5e-4), then on top of it mixup, bfloat16 steps spent on 38
 epochs, the same with random resized crops, and weight decays 1e-3, 2e-3 and 8e-3.
+--only a,b runs just those settings and merges them into the JSON at --out.
 Each run is a full `oneshot-bench run` whose stages land in cache/runs/tiny32-<name>, so the
 README's command (`make demo-offline`) reuses the classes run. Reports 5-way 1-shot
 and 5-shot cosine accuracy (2,000 episodes, 15 queries, 95% CI) and the training wall time.
@@ -84,19 +85,14 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
 
 
 def main() -> None:
-    import sys
+    def options(p) -> None:
+        p.add_argument("--ablations", action="store_true", help="also run every variant of ABLATIONS")
+        # the cache under cache/runs is not kept between clones, and each setting costs 25-55 minutes
+        p.add_argument("--only", default=None,
+                       help="comma-separated settings to (re)run, merged into the JSON already at --out")
 
-    ablation = "--ablations" in sys.argv
-    if ablation:
-        sys.argv.remove("--ablations")
-    # --only a,b: train just these settings and merge them into the JSON at --out (the cache
-    # under cache/runs is not kept between clones, and each setting costs ~25 minutes).
-    only = None
-    if "--only" in sys.argv:
-        i = sys.argv.index("--only")
-        only = sys.argv[i + 1].split(",")
-        del sys.argv[i:i + 2]
-    args = parse(__doc__.splitlines()[0], "finetune_accuracy")
+    args = parse(__doc__.splitlines()[0], "finetune_accuracy", options)
+    ablation, only = args.ablations, (args.only.split(",") if args.only else None)
     require_data(args.data)
     data, n_episodes, settings, tag = args.data, 2000, SETTINGS, "tiny32"
     if args.quick:
@@ -111,20 +107,23 @@ def main() -> None:
             raise SystemExit(f"error: unknown setting(s) {unknown}; known: {sorted({**SETTINGS, **ABLATIONS})}")
         settings = {k: (o, 1 if args.quick else e, c) for k, (o, e, c) in {**SETTINGS, **ABLATIONS}.items() if k in only}
         if args.out.exists():
-            previous = json.loads(args.out.read_text()).get("objectives", {})
+            old = json.loads(args.out.read_text())
+            if old.get("quick") != args.quick:
+                raise SystemExit(f"error: {args.out} holds a {'quick' if old.get('quick') else 'full'} run; "
+                                 "--only merges only into the same kind")
+            previous = old.get("objectives", {})
     runs = ROOT / "cache" / "runs"
     random_weights = run("classes", data, runs / f"{tag}-random", 1, n_episodes, weights_none_only=True)
     results = {name: run(obj, data, runs / f"{tag}-{name}", epochs, n_episodes, changes=changes)
                for name, (obj, epochs, changes) in settings.items()}
     results = {**previous, **results}
-    settings = {k: v for k, v in {**SETTINGS, **ABLATIONS}.items() if k in results}
     best = results["classes"]["five_way_one_shot"]["accuracy"]
     write(args.out, {
         "benchmark": "finetune_accuracy",
         "quick": args.quick,
         "sizes": {"classes": 30 if args.quick else 200, "split": "ratio:0.8 seed 0", "image_size": 32,
                   "n_episodes": n_episodes, "n_query": 15, "scorer": "cosine",
-                  "epochs": {k: v[1] for k, v in settings.items()}},
+                  "epochs": {k: v["epochs"] for k, v in results.items()}},
         "recipe": RECIPE,
         "figure": "5-way 1-shot cosine accuracy, objective classes",
         "value": best,
