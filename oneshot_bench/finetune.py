@@ -410,10 +410,16 @@ def _train_epoch(trainer: Trainer, opt, rows: np.ndarray, epoch: int) -> dict:
                 group["lr"] = lr_at((epoch + b / len(batches)) / cfg.epochs, cfg.lr)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss, c, n = trainer.batch_loss(idx, pairs, gen)
+            value = loss.item()
+            if not math.isfinite(value):  # stop before a NaN reaches the weights; the last epoch is on disk
+                hint = (" (torch's bfloat16 CPU kernels have produced NaN at random here; re-running resumes, "
+                        "--precision fp32 avoids them)" if cfg.precision == "bf16" else "; try a lower --lr")
+                raise OneShotBenchError(f"training stopped: non-finite loss at epoch {epoch + 1}, batch {b + 1}; "
+                                        f"the last finished epoch is kept for resuming{hint}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * n
+            total += value * n
             correct += c
             count += n
     return {"epoch": epoch, "train_loss": total / count, "train_accuracy": correct / count, "train_s": round(time.perf_counter() - t0, 3)}
