@@ -414,8 +414,8 @@ def _train_epoch(trainer: Trainer, opt, rows: np.ndarray, epoch: int) -> dict:
             if not math.isfinite(value):  # stop before a NaN reaches the weights; the last epoch is on disk
                 hint = (" (torch's bfloat16 CPU kernels have produced NaN at random here; re-running resumes, "
                         "--precision fp32 avoids them)" if cfg.precision == "bf16" else "; try a lower --lr")
-                raise OneShotBenchError(f"training stopped: non-finite loss at epoch {epoch + 1}, batch {b + 1}; "
-                                        f"the last finished epoch is kept for resuming{hint}")
+                kept = "the last finished epoch is kept for resuming" if epoch else "no epoch had finished"
+                raise OneShotBenchError(f"training stopped: non-finite loss at epoch {epoch + 1}, batch {b + 1}; {kept}{hint}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
