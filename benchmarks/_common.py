@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +25,15 @@ def parse(description: str, name: str, extend=None) -> argparse.Namespace:
     return p.parse_args()
 
 
+def fail(message: str) -> None:
+    """A benchmark's bad input: one line on stderr and exit code 2, as the CLI does."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def require_data(path: Path) -> None:
     if not path.is_dir():
-        raise SystemExit(f"error: benchmark data {path} is missing (expected ../shared/data/tiny-imagenet-200)")
+        fail(f"benchmark data {path} is missing (expected ../shared/data/tiny-imagenet-200)")
 
 
 def subset_folder(src: Path, n_classes: int, dest: Path) -> Path:
@@ -86,9 +93,9 @@ def run_stage_path(stage: str) -> Path | None:
 def run_cache(cache: Path | None, quick: bool) -> Path:
     """The cache to study: --cache, else the README run's (cache/runs/tiny32-classes), else
     with --quick a 40-class random-weight cache built under cache/bench/."""
-    import sys
-
     if cache is not None:
+        if not cache.is_file():
+            fail(f"cache {cache} does not exist")
         return cache
     if quick:
         from head_speed import bench_cache
@@ -96,5 +103,5 @@ def run_cache(cache: Path | None, quick: bool) -> Path:
         return bench_cache(TINY, True).path
     found = run_stage_path("encode")
     if found is None or not found.exists():
-        sys.exit("error: no README run under cache/runs/tiny32-classes; run `make demo-offline` first or pass --cache")
+        fail("no README run under cache/runs/tiny32-classes; run `make demo-offline` first or pass --cache")
     return found

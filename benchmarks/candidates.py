@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import ROOT, RESULTS, run_cache, run_stage_path, write
+from _common import ROOT, RESULTS, fail, run_cache, run_stage_path, write
 
 from oneshot_bench.episodes import EpisodeConfig, run_episodes
 from oneshot_bench.head import HeadConfig, train_head
@@ -30,6 +30,8 @@ def main() -> None:
         args.head = found if found is not None and found.exists() else ROOT / "cache/bench" / f"{args.cache.stem}-head.pt"
         if not args.head.exists():
             train_head(HeadConfig(cache=args.cache, out=args.head, epochs=3 if args.quick else 30, quiet=True))
+    elif not args.head.is_file():
+        fail(f"head {args.head} does not exist")
     n = 10 if args.quick else 100
     rep = run_episodes(EpisodeConfig(cache=args.cache, head=args.head, protocol="seed", n_episodes=n,
                                      scorers=("pair-head", "cosine"), candidates=(1, 5, 10, 0), quiet=True))

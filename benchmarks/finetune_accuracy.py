@@ -19,7 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, parse, require_data, subset_folder, write
+from _common import ROOT, fail, parse, require_data, subset_folder, write
 
 from oneshot_bench.data import DataConfig
 from oneshot_bench.finetune import FinetuneConfig
@@ -33,7 +33,6 @@ RECIPE = dict(stem="nomaxpool", train_from="all", lr=0.1, batch_size=128, label_
 # name -> (objective, epochs, changes to RECIPE); the ablations run with --ablations.
 # patience None: no early stopping (the best epoch is still kept).
 SETTINGS = {"classes": ("classes", 24, {}), "pairs": ("pairs", 15, {"weight_decay": 5e-4})}  # pairs: measured with the first recipe
-QUICK = {"classes": ("classes", 1, {}), "pairs": ("pairs", 1, {})}
 ABLATIONS = {
     # measured against the first recipe, weight decay 5e-4
     "classes-wd5e-4": ("classes", 24, {"weight_decay": 5e-4}),
@@ -96,23 +95,22 @@ def main() -> None:
     args = parse(__doc__.splitlines()[0], "finetune_accuracy", options)
     ablation, only = args.ablations, (args.only.split(",") if args.only else None)
     require_data(args.data)
-    data, n_episodes, settings, tag = args.data, 2000, SETTINGS, "tiny32"
-    if args.quick:
+    data, n_episodes, tag = args.data, 2000, "tiny32"
+    if args.quick:  # same settings, one epoch each
         data = subset_folder(args.data, 30, Path(tempfile.mkdtemp()) / "tiny30")
-        n_episodes, settings, tag = 300, QUICK, "tiny32-quick"
-    if ablation:
-        settings = {**settings, **({k: (o, 1 if args.quick else e, c) for k, (o, e, c) in ABLATIONS.items()})}
+        n_episodes, tag = 300, "tiny32-quick"
+    known = {k: (o, 1 if args.quick else e, c) for k, (o, e, c) in {**SETTINGS, **ABLATIONS}.items()}
+    settings = {k: v for k, v in known.items() if k in SETTINGS or ablation}
     previous = {}
     if only is not None:
-        unknown = sorted(set(only) - set(SETTINGS) - set(ABLATIONS))
+        unknown = sorted(set(only) - set(known))
         if unknown:
-            raise SystemExit(f"error: unknown setting(s) {unknown}; known: {sorted({**SETTINGS, **ABLATIONS})}")
-        settings = {k: (o, 1 if args.quick else e, c) for k, (o, e, c) in {**SETTINGS, **ABLATIONS}.items() if k in only}
+            fail(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+        settings = {k: v for k, v in known.items() if k in only}
         if args.out.exists():
             old = json.loads(args.out.read_text())
             if old.get("quick") != args.quick:
-                raise SystemExit(f"error: {args.out} holds a {'quick' if old.get('quick') else 'full'} run; "
-                                 "--only merges only into the same kind")
+                fail(f"{args.out} holds a {'quick' if old.get('quick') else 'full'} run; --only merges only into the same kind")
             previous = old.get("objectives", {})
     runs = ROOT / "cache" / "runs"
     random_weights = run("classes", data, runs / f"{tag}-random", 1, n_episodes, weights_none_only=True)
