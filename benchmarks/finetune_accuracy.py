@@ -4,7 +4,7 @@
 once per objective (classes, pairs) with the recipe below; --ablations adds its variants:
 the first recipe (weight decay 5e-4), then on top of it mixup, bfloat16 steps spent on 38
 epochs, the same with random resized crops, weight decays 1e-3, 2e-3 and 8e-3; and the
-recipe with 30 epochs.
+recipe with 30 epochs, with and without early stopping.
 --only a,b runs just those settings and merges them into the JSON at --out.
 Each run is a full `oneshot-bench run` whose stages land in cache/runs/tiny32-<name>, so the
 README's command (`make demo-offline`) reuses the classes run. Reports 5-way 1-shot
@@ -45,6 +45,7 @@ ABLATIONS = {
     "classes-wd2e-3": ("classes", 24, {"weight_decay": 2e-3}),  # four times (the recipe: eight times)
     "classes-wd8e-3": ("classes", 24, {"weight_decay": 8e-3}),  # sixteen times
     "classes-30": ("classes", 30, {}),  # the recipe on a 30-epoch schedule, early stopping (patience 5) on
+    "classes-30-nopat": ("classes", 30, {"patience": None}),  # the same, early stopping off (best epoch kept)
 }
 REFERENCE_PLAIN_CE = {"five_way_one_shot": 0.405, "five_way_five_shot": 0.566, "source": "issue #3, 20 epochs, measured by the issue author"}
 
