@@ -36,6 +36,18 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries the
+    parent's high-water mark into a child across vfork/exec, so the child of a benchmark that
+    had already trained a head reported the parent's peak (up to 531 MB where the child's own
+    was 290 MB)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _measure(cache_path: str, head_path: str, n: int, q) -> None:
     import faiss  # noqa: F401  (libraries imported before the baseline is read)
     import h5py  # noqa: F401
@@ -43,7 +55,7 @@ def _measure(cache_path: str, head_path: str, n: int, q) -> None:
     before = rss_mb()
     t = time.perf_counter()
     run_episodes(EpisodeConfig(cache=Path(cache_path), head=Path(head_path), n_episodes=n, quiet=True))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     q.put({"peak_growth_mb": peak - before, "rss_before_mb": before, "seconds": time.perf_counter() - t})
 
 
