@@ -59,8 +59,8 @@ def versions() -> dict:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and widest vector unit: the machines lent here differ (an AVX-512
-    Intel trains the trunk ~2.7x faster than an AVX2 AMD), so a time is read with its CPU."""
+    """The CPU's model name and widest vector unit: the machines lent here differ (one trained
+    the trunk ~2.7x faster than an AVX2 AMD EPYC did), so a time is read with its CPU."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
