@@ -176,8 +176,6 @@ def test_bf16_training_tracks_fp32_and_keeps_float32_weights(tmp_path):
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_epoch(data6, tmp_path, monkeypatch):
-    from oneshot_bench.finetune import Trainer
-
     out = tmp_path / "t.pt"
     cfg = _cfg(data6, out, train_from="all", epochs=3, objective="classes", augment=False)
     real, calls = Trainer.batch_loss, {"n": 0, "poison_after": None}
