@@ -25,7 +25,7 @@ demo: $(BIN)/oneshot-bench
 demo-offline: $(BIN)/oneshot-bench
 	$(BIN)/oneshot-bench run --dataset folder:$(TINY) --image-size 32 --weights none --stem nomaxpool \
 		--train-from all --objective classes --epochs 24 --lr 0.1 --weight-decay 4e-3 --augment \
-		--split ratio:0.8 --seed 0 \
+		--tta flip --split ratio:0.8 --seed 0 \
 		--n-way 5,10,20 --n-shot 1,5 --seed-protocol --out-dir cache/runs/tiny32-classes
 
 bench-quick: $(BIN)/oneshot-bench

@@ -3,7 +3,8 @@
 Schema (version 1), one file per (data set, split, trunk, image size):
 
   datasets
-    features     (n, d) float32 or float16   pooled layer4 output, one row per image
+    features     (n, d) float32 or float16   pooled layer4 output, one row per image (with
+                                              tta "flip": the mean of the image's and its mirror's)
     labels       (n,)   int32                index into class_names
     class_names  (C,)   str
     class_roles  (C,)   str                  seen | val | unseen | unused
@@ -71,9 +72,13 @@ class EncodeConfig:
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     out: Path = Path("cache/features.h5")
     dtype: str = "float32"
+    tta: str = "none"
     batch_size: int = 256
     chunk_size: int = 2048
     quiet: bool = False
+
+
+TTA_KINDS = ("none", "flip")
 
 
 @dataclass
@@ -142,16 +147,24 @@ def normalization_for(trunk: LoadedTrunk, prepared: PreparedData):
 
 
 @torch.inference_mode()
-def embed_images(model: torch.nn.Module, images: np.ndarray, norm, batch_size: int, fused: bool = False) -> np.ndarray:
+def embed_images(model: torch.nn.Module, images: np.ndarray, norm, batch_size: int, fused: bool = False,
+                 tta: str = "none") -> np.ndarray:
     """(n, s, s, 3) uint8 -> (n, 512) float32 pooled features, in batches.
 
-    BatchNorm is folded into the convolutions first unless `fused` says it already is."""
+    BatchNorm is folded into the convolutions first unless `fused` says it already is.
+    tta "flip": each row is the mean of the features of the image and of its mirror image
+    (the trunk trained on random flips, so both views are in-distribution; twice the work)."""
+    if tta not in TTA_KINDS:
+        raise OneShotBenchError(f"unknown --tta {tta!r}; use {' or '.join(TTA_KINDS)}")
     out = np.empty((len(images), 512), dtype=np.float32)
     if not fused:
         model = fused_for_inference(model)
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size])
-        out[start : start + len(batch)] = model(to_input(batch, norm)).numpy()
+        x = to_input(torch.from_numpy(images[start : start + batch_size]), norm)
+        feats = model(x)
+        if tta == "flip":
+            feats = (feats + model(x.flip(3))) * 0.5
+        out[start : start + len(x)] = feats.numpy()
     return out
 
 
@@ -166,6 +179,8 @@ def encode(cfg: EncodeConfig, on_chunk: Callable[[int], None] | None = None) -> 
         raise OneShotBenchError(f"--dtype {cfg.dtype!r} must be float32 or float16")
     if cfg.batch_size < 1:
         raise OneShotBenchError("--batch-size must be positive")
+    if cfg.tta not in TTA_KINDS:
+        raise OneShotBenchError(f"unknown --tta {cfg.tta!r}; use {' or '.join(TTA_KINDS)}")
     out = Path(cfg.out)
     check_writable(out)
     t0 = time.perf_counter()
@@ -175,7 +190,7 @@ def encode(cfg: EncodeConfig, on_chunk: Callable[[int], None] | None = None) -> 
     t_load = time.perf_counter() - t0
     imgs = prepared.images
     data_fp = fingerprint_arrays(np.array(prepared.index.class_names, dtype=object), imgs.labels, imgs.source_ids)
-    space = feature_space(trunk, prepared.image_size, norm, cfg.dtype)
+    space = feature_space(trunk, prepared.image_size, norm, cfg.dtype, cfg.tta)
     config_json = canonical_json(to_jsonable(cfg))
     encode_key = sha256_text(canonical_json(stage_identity(cfg)) + data_fp + trunk.sha256)
     if out.exists():
@@ -199,7 +214,7 @@ def encode(cfg: EncodeConfig, on_chunk: Callable[[int], None] | None = None) -> 
     with Progress("encode", total=n, quiet=cfg.quiet, unit="img") as bar:
         bar.advance(n_done)
         for start in range(n_done, n, chunk):
-            feats = embed_images(model, imgs.images[start : start + chunk], norm, cfg.batch_size, fused=True)
+            feats = embed_images(model, imgs.images[start : start + chunk], norm, cfg.batch_size, fused=True, tta=cfg.tta)
             with h5py.File(partial, "r+") as f:
                 f["features"][start : start + len(feats)] = feats.astype(cfg.dtype)
                 f.attrs["n_done"] = start + len(feats)

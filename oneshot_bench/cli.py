@@ -157,6 +157,7 @@ def encode(
     image_size: ImageSize = None, weights: Weights = "imagenet", stem: Stem = "imagenet",
     out: Annotated[Path, typer.Option(help="HDF5 cache to write (resumes a matching .partial).")] = CACHE / "features.h5",
     dtype: Annotated[str, typer.Option(help="float32 or float16 features.")] = "float32",
+    tta: Annotated[str, typer.Option(help="none, or flip: average each image's features with its mirror image's (2x the time).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -164,7 +165,8 @@ def encode(
     from oneshot_bench.cache import EncodeConfig, encode as run
 
     data, sp, trunk = _data_cfgs(dataset, data_root, download, split, seen, seed, val_fraction, image_size, weights, stem)
-    path = run(EncodeConfig(data=data, split=sp, trunk=trunk, out=out.resolve(), dtype=dtype, batch_size=batch_size, quiet=quiet))
+    path = run(EncodeConfig(data=data, split=sp, trunk=trunk, out=out.resolve(), dtype=dtype, tta=tta, batch_size=batch_size,
+                            quiet=quiet))
     typer.echo(f"wrote {path}")
 
 
@@ -265,6 +267,7 @@ def run(
     precision: Annotated[str, typer.Option(help="finetune: fp32, or bf16 autocast of training steps.")] = "fp32",
     crop_scale: Annotated[float, typer.Option(help="finetune: random resized crops of at least this area fraction; 1 = padded crops.")] = 1.0,
     dtype: Annotated[str, typer.Option(help="encode: float32 or float16.")] = "float32",
+    tta: Annotated[str, typer.Option(help="encode: none, or flip (average with the mirror image's features).")] = "none",
     head: Annotated[str, typer.Option(help="train-head: siamese-l1 or siamese-mix.")] = "siamese-l1",
     pairs_per_class: Annotated[int, typer.Option(help="train-head: positive pairs per class and epoch.")] = 250,
     negatives: Annotated[str, typer.Option(help="train-head: random or hard.")] = "random",
@@ -293,7 +296,7 @@ def run(
                                 weight_decay=weight_decay,
                                 batch_size=batch_size, augment=augment, label_smoothing=label_smoothing, mixup=mixup, precision=precision,
                                 crop_scale=crop_scale, seed=seed),
-        dtype=dtype,
+        dtype=dtype, tta=tta,
         head=HeadConfig(head=head, pairs_per_class=pairs_per_class, negatives=negatives, epochs=head_epochs,
                         patience=head_patience, lr=head_lr, seed=seed),
         n_way=_ints(n_way, "--n-way"), n_shot=_ints(n_shot, "--n-shot"), n_query=n_query, n_episodes=n_episodes,

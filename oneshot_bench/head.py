@@ -488,10 +488,12 @@ def load_head(path: Path) -> tuple[PairHead, dict]:
 
 
 def check_feature_space(head_meta: dict, head_path: Path, cache_attrs: dict, cache_path: Path) -> None:
-    """Refuse a head on a cache of another feature space (trunk, image size, norm, dtype)."""
+    """Refuse a head on a cache of another feature space (trunk, image size, norm, dtype, tta)."""
     if head_meta["feature_space_sha256"] == cache_attrs["feature_space_sha256"]:
         return
     hs, cs = head_meta["feature_space"], cache_attrs["feature_space"]
+    absent = {"tta": "none"}  # recorded only when on
+    hs, cs = {**absent, **hs}, {**absent, **cs}
     diffs = [k for k in sorted(set(hs) | set(cs)) if hs.get(k) != cs.get(k)]
     desc = "; ".join(f"{k}: head {_short(hs.get(k))} vs cache {_short(cs.get(k))}" for k in diffs)
     raise OneShotBenchError(f"head {head_path} belongs to another feature space than cache {cache_path} ({desc})")

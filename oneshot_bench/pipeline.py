@@ -46,6 +46,7 @@ class RunConfig:
     do_finetune: bool = True
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dtype: str = "float32"
+    tta: str = "none"
     head: HeadConfig = field(default_factory=HeadConfig)
     n_way: tuple[int, ...] = (5,)
     n_shot: tuple[int, ...] = (1,)
@@ -95,7 +96,7 @@ def run_pipeline(cfg: RunConfig, say=print) -> dict:
     else:
         trunk_id = weights
     enc_trunk = dataclasses.replace(cfg.trunk, weights=weights)
-    enc = EncodeConfig(data=cfg.data, split=cfg.split, trunk=enc_trunk, dtype=cfg.dtype, quiet=cfg.quiet)
+    enc = EncodeConfig(data=cfg.data, split=cfg.split, trunk=enc_trunk, dtype=cfg.dtype, tta=cfg.tta, quiet=cfg.quiet)
     key = config_hash([stage_identity(enc, drop=("weights",)), trunk_id, data_fp])
     enc = dataclasses.replace(enc, out=out_dir / f"cache-{key}.h5")
     stages.append(_stage("encode", enc.out, lambda: encode(enc)))

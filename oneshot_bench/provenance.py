@@ -78,7 +78,7 @@ _NOT_IDENTITY = ("out", "quiet", "download", "json_out", "per_episode_out", "wor
 
 # Options added after artefacts already existed: at their "off" value they are left out of a
 # stage's identity, so that artefacts made before the option existed keep their keys.
-_OFF_VALUES = {"mixup": 0.0, "precision": "fp32", "crop_scale": 1.0}
+_OFF_VALUES = {"mixup": 0.0, "precision": "fp32", "crop_scale": 1.0, "tta": "none"}
 
 
 def stage_identity(obj: Any, drop: tuple[str, ...] = ()) -> Any:

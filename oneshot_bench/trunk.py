@@ -231,9 +231,10 @@ def to_input(batch: torch.Tensor, norm: Normalization) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def feature_space(trunk: LoadedTrunk, image_size: int, norm: Normalization, dtype: str) -> dict:
-    """What a feature vector means; heads and caches must agree on all of it."""
-    return {
+def feature_space(trunk: LoadedTrunk, image_size: int, norm: Normalization, dtype: str, tta: str = "none") -> dict:
+    """What a feature vector means; heads and caches must agree on all of it.
+    tta is recorded only when on, so caches and heads made before it existed keep their identity."""
+    space = {
         "trunk_sha256": trunk.sha256,
         "stem": trunk.model.stem_kind,
         "image_size": int(image_size),
@@ -241,3 +242,6 @@ def feature_space(trunk: LoadedTrunk, image_size: int, norm: Normalization, dtyp
         "dtype": dtype,
         "dim": FEATURE_DIM,
     }
+    if tta != "none":
+        space["tta"] = tta
+    return space

@@ -75,6 +75,24 @@ def test_float16_option(folder_data, tmp_path):
     assert np.allclose(load_cache(out).features, full.features, rtol=2e-3, atol=1e-3)
 
 
+def test_flip_tta_averages_the_mirror_view_and_is_its_own_feature_space(folder_data, tmp_path):
+    plain = load_cache(encode(_cfg(folder_data, tmp_path / "p.h5")))
+    flip = load_cache(encode(_cfg(folder_data, tmp_path / "f.h5", tta="flip")))
+    index = open_source(DataConfig(dataset=f"folder:{folder_data}"))
+    imgs = index.load(None, 16).images
+    mirrored = np.ascontiguousarray(imgs[:, :, ::-1])
+    trunk = build_trunk(TrunkConfig(weights="none"))
+    norm = dataset_normalization(imgs[plain.image_split == "train"])
+    of_mirror = embed_images(trunk.model, mirrored, norm, 8)
+    assert np.allclose(flip.features, (plain.features + of_mirror) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(flip.features, plain.features, rtol=1e-3)  # random trunks are not mirror-symmetric
+    # a mirrored data set encodes to the same flip-averaged features
+    assert np.allclose(embed_images(trunk.model, mirrored, norm, 8, tta="flip"), flip.features, rtol=1e-5, atol=1e-6)
+    assert flip.feature_space == {**plain.feature_space, "tta": "flip"} and "tta" not in plain.feature_space
+    _one_line_exit_2(_cli("encode", "--dataset", f"folder:{folder_data}", "--weights", "none", "--tta", "mirror",
+                          "--out", tmp_path / "m.h5", "-q"), "unknown --tta 'mirror'")
+
+
 def _cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 

@@ -118,8 +118,10 @@ def test_head_refused_on_other_feature_space_and_accepted_on_same(tmp_path):
     head = train_head(HeadConfig(cache=cluster_cache(tmp_path / "a.h5"), out=tmp_path / "h.pt", epochs=2, pairs_per_class=20, quiet=True))
     other_trunk = cluster_cache(tmp_path / "b.h5", space=dict(SPACE, trunk_sha256="b" * 64))
     other_size = cluster_cache(tmp_path / "s.h5", space=dict(SPACE, image_size=64))
+    flipped = cluster_cache(tmp_path / "f.h5", space=dict(SPACE, tta="flip"))
     same_space_other_data = cluster_cache(tmp_path / "d.h5", seed=5, n_classes=9)
-    for bad, needle in ((other_trunk, "trunk_sha256"), (other_size, "image_size: head 32 vs cache 64")):
+    for bad, needle in ((other_trunk, "trunk_sha256"), (other_size, "image_size: head 32 vs cache 64"),
+                        (flipped, "tta: head none vs cache flip")):
         r = runner.invoke(app, ["episodes", "--cache", str(bad), "--head", str(head), "--n-episodes", "10", "-q"])
         assert r.exit_code == 2 and "another feature space" in r.output and needle in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
