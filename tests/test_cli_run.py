@@ -60,6 +60,18 @@ def test_run_end_to_end_reuse_and_partial_rerun(tmp_path):
     assert any(n.startswith("episodes-episodes-4w1s") for n in new)
     assert not any(n.startswith(("finetune-", "cache-", "head-")) for n in new)
 
+    # --tta flip changes the features: the trunk is reused, encode and everything after it re-run
+    before = {p.name for p in out.iterdir()}
+    flipped = runner.invoke(app, [
+        "run", "--dataset", f"folder:{root}", "--weights", "none", "--split", "ratio:0.5", "--out-dir", str(out),
+        "--epochs", "1", "--head-epochs", "2", "--n-episodes", "200", "--n-query", "5", "--n-way", "4", "--tta", "flip", "-q"])
+    assert flipped.exit_code == 0, flipped.output
+    assert "finetune: reused" in flipped.output and "encode: ran in" in flipped.output and "train-head: ran in" in flipped.output
+    new_cache = [n for n in {p.name for p in out.iterdir()} - before if n.startswith("cache-")]
+    assert len(new_cache) == 1
+    info = json.loads(runner.invoke(app, ["info", str(out / new_cache[0])]).output)
+    assert info["feature_space"]["tta"] == "flip" and info["config"]["tta"] == "flip", info
+
 
 def test_report_redraws_from_json_and_info_reads_it(tmp_path):
     root = write_folder(tmp_path / "imgs", n_classes=8, per_class=10, size=16)
