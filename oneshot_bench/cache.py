@@ -81,6 +81,11 @@ class EncodeConfig:
 TTA_KINDS = ("none", "flip")
 
 
+def check_tta(tta: str) -> None:
+    if tta not in TTA_KINDS:
+        raise OneShotBenchError(f"unknown --tta {tta!r}; use {' or '.join(TTA_KINDS)}")
+
+
 @dataclass
 class Cache:
     """A cache in memory. features: (n, d) float32 (float16 files are widened)."""
@@ -154,8 +159,7 @@ def embed_images(model: torch.nn.Module, images: np.ndarray, norm, batch_size: i
     BatchNorm is folded into the convolutions first unless `fused` says it already is.
     tta "flip": each row is the mean of the features of the image and of its mirror image
     (the trunk trained on random flips, so both views are in-distribution; twice the work)."""
-    if tta not in TTA_KINDS:
-        raise OneShotBenchError(f"unknown --tta {tta!r}; use {' or '.join(TTA_KINDS)}")
+    check_tta(tta)
     out = np.empty((len(images), 512), dtype=np.float32)
     if not fused:
         model = fused_for_inference(model)
@@ -179,8 +183,7 @@ def encode(cfg: EncodeConfig, on_chunk: Callable[[int], None] | None = None) -> 
         raise OneShotBenchError(f"--dtype {cfg.dtype!r} must be float32 or float16")
     if cfg.batch_size < 1:
         raise OneShotBenchError("--batch-size must be positive")
-    if cfg.tta not in TTA_KINDS:
-        raise OneShotBenchError(f"unknown --tta {cfg.tta!r}; use {' or '.join(TTA_KINDS)}")
+    check_tta(cfg.tta)  # before the data and trunk are loaded
     out = Path(cfg.out)
     check_writable(out)
     t0 = time.perf_counter()
