@@ -20,7 +20,7 @@ demo: $(BIN)/oneshot-bench
 	$(BIN)/oneshot-bench run --dataset cifar100 --download --weights imagenet --split ratio:0.8 \
 		--n-way 5,10,20 --n-shot 1,5 --seed-protocol --name cifar100-imagenet
 
-# The offline main job on the local Tiny-ImageNet stand-in at 32x32 (25 to 55 min on the
+# The offline main job on the local Tiny-ImageNet stand-in at 32x32 (25 to 65 min on the
 # 2-core machines here, nearly all of it training the trunk).
 demo-offline: $(BIN)/oneshot-bench
 	$(BIN)/oneshot-bench run --dataset folder:$(TINY) --image-size 32 --weights none --stem nomaxpool \
