@@ -32,6 +32,7 @@ from oneshot_bench.provenance import (
     to_jsonable,
 )
 from oneshot_bench.stats import roc_auc
+from oneshot_bench.trunk import FEATURE_SPACE_OFF
 
 log = logging.getLogger(__name__)
 
@@ -492,8 +493,7 @@ def check_feature_space(head_meta: dict, head_path: Path, cache_attrs: dict, cac
     if head_meta["feature_space_sha256"] == cache_attrs["feature_space_sha256"]:
         return
     hs, cs = head_meta["feature_space"], cache_attrs["feature_space"]
-    absent = {"tta": "none"}  # recorded only when on
-    hs, cs = {**absent, **hs}, {**absent, **cs}
+    hs, cs = {**FEATURE_SPACE_OFF, **hs}, {**FEATURE_SPACE_OFF, **cs}
     diffs = [k for k in sorted(set(hs) | set(cs)) if hs.get(k) != cs.get(k)]
     desc = "; ".join(f"{k}: head {_short(hs.get(k))} vs cache {_short(cs.get(k))}" for k in diffs)
     raise OneShotBenchError(f"head {head_path} belongs to another feature space than cache {cache_path} ({desc})")

@@ -231,9 +231,13 @@ def to_input(batch: torch.Tensor, norm: Normalization) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+# Feature-space entries added after caches and heads existed: recorded only when not at this
+# value, so that older artefacts keep their identity; a missing entry means this value.
+FEATURE_SPACE_OFF = {"tta": "none"}
+
+
 def feature_space(trunk: LoadedTrunk, image_size: int, norm: Normalization, dtype: str, tta: str = "none") -> dict:
-    """What a feature vector means; heads and caches must agree on all of it.
-    tta is recorded only when on, so caches and heads made before it existed keep their identity."""
+    """What a feature vector means; heads and caches must agree on all of it."""
     space = {
         "trunk_sha256": trunk.sha256,
         "stem": trunk.model.stem_kind,
@@ -241,7 +245,6 @@ def feature_space(trunk: LoadedTrunk, image_size: int, norm: Normalization, dtyp
         "normalization": norm.as_dict(),
         "dtype": dtype,
         "dim": FEATURE_DIM,
+        "tta": tta,
     }
-    if tta != "none":
-        space["tta"] = tta
-    return space
+    return {k: v for k, v in space.items() if FEATURE_SPACE_OFF.get(k, object()) != v}
