@@ -42,7 +42,7 @@ from oneshot_bench.provenance import (
 )
 from oneshot_bench.scorers import CosineScorer
 from oneshot_bench.splits import SplitConfig
-from oneshot_bench.trunk import LAYERS, Normalization, Trunk, TrunkConfig, build_trunk, to_input
+from oneshot_bench.trunk import LAYERS, Normalization, Trunk, TrunkConfig, build_trunk, layer4_input_side, to_input
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
     t_start = time.perf_counter()
     trunk = build_trunk(cfg.trunk)
     prepared = prepare_data(cfg.data, cfg.split, trunk, roles_to_load=("seen", "val"))
+    side = layer4_input_side(trunk.model.stem_kind, prepared.image_size)
+    if cfg.precision == "bf16" and side < 2:
+        # with torch 2.14 the bfloat16 CPU weight gradient of layer4's stride-2 3x3 convolution on a
+        # 1x1 input differed between identical runs, by up to 4e15; at 2x2 and 4x4 it was reproducible
+        raise OneShotBenchError(
+            f"--precision bf16 needs layer4 to see at least 2x2 positions, but at {prepared.image_size} px the "
+            f"{trunk.model.stem_kind} stem gives it 1x1, where torch's bfloat16 CPU kernels return wrong "
+            "gradients; use --precision fp32, --stem nomaxpool or a larger --image-size")
     norm = normalization_for(trunk, prepared)
     trainer, train_rows, val_rows, val_pool = _build_trainer(cfg, trunk.model, prepared, norm, out)
     data_fp = fingerprint_arrays(
@@ -412,8 +420,7 @@ def _train_epoch(trainer: Trainer, opt, rows: np.ndarray, epoch: int) -> dict:
                 loss, c, n = trainer.batch_loss(idx, pairs, gen)
             value = loss.item()
             if not math.isfinite(value):  # stop before a NaN reaches the weights; the last epoch is on disk
-                hint = (" (torch's bfloat16 CPU kernels have produced NaN at random here; re-running resumes, "
-                        "--precision fp32 avoids them)" if cfg.precision == "bf16" else "; try a lower --lr")
+                hint = "; try --precision fp32" if cfg.precision == "bf16" else "; try a lower --lr"
                 kept = "the last finished epoch is kept for resuming" if epoch else "no epoch had finished"
                 raise OneShotBenchError(f"training stopped: non-finite loss at epoch {epoch + 1}, batch {b + 1}; {kept}{hint}")
             opt.zero_grad(set_to_none=True)

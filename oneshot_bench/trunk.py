@@ -98,6 +98,13 @@ class Trunk(nn.Module):
         return self.forward_from(x, "stem")
 
 
+def layer4_input_side(stem: str, image_size: int) -> int:
+    """Side of the feature map that enters layer4: conv1, the max-pool (ImageNet stem), layer2
+    and layer3 each halve it, rounding up."""
+    halvings = 4 if stem == "imagenet" else 3
+    return -(-image_size // 2**halvings)
+
+
 def fused_for_inference(model: Trunk) -> Trunk:
     """An eval-mode copy with every BatchNorm folded into the convolution before it.
 
