@@ -33,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from oneshot_bench.data import DataConfig, DataIndex, Images, open_source
 from oneshot_bench.errors import OneShotBenchError
@@ -78,12 +79,23 @@ class EncodeConfig:
     quiet: bool = False
 
 
-TTA_KINDS = ("none", "flip")
+TTA_KINDS = ("none", "flip", "flip-shift")
+# flip-shift: the image and four copies moved by this many pixels (up, down, left, right, with
+# reflected borders, like the training crops' reflect padding), each with its mirror: 10 views
+TTA_SHIFT_PX = 2
 
 
 def check_tta(tta: str) -> None:
     if tta not in TTA_KINDS:
-        raise OneShotBenchError(f"unknown --tta {tta!r}; use {' or '.join(TTA_KINDS)}")
+        raise OneShotBenchError(f"unknown --tta {tta!r}; use {', '.join(TTA_KINDS[:-1])} or {TTA_KINDS[-1]}")
+
+
+def _shifted_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """(b, 3, s, s) float32 -> the batch itself and four copies shifted by TTA_SHIFT_PX."""
+    p, s = TTA_SHIFT_PX, x.shape[-1]
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    crops = [padded[..., dy : dy + s, dx : dx + s] for dy, dx in ((0, p), (2 * p, p), (p, 0), (p, 2 * p))]
+    return [x] + [c.contiguous(memory_format=torch.channels_last) for c in crops]
 
 
 @dataclass
@@ -158,16 +170,20 @@ def embed_images(model: torch.nn.Module, images: np.ndarray, norm, batch_size: i
 
     BatchNorm is folded into the convolutions first unless `fused` says it already is.
     tta "flip": each row is the mean of the features of the image and of its mirror image
-    (the trunk trained on random flips, so both views are in-distribution; twice the work)."""
+    (the trunk trained on random flips, so both views are in-distribution; twice the work).
+    tta "flip-shift": the mean over 10 views, the image and four copies shifted by
+    TTA_SHIFT_PX, each with its mirror (the training crops' shifts; ten times the work)."""
     check_tta(tta)
     out = np.empty((len(images), 512), dtype=np.float32)
     if not fused:
         model = fused_for_inference(model)
     for start in range(0, len(images), batch_size):
         x = to_input(torch.from_numpy(images[start : start + batch_size]), norm)
-        feats = model(x)
-        if tta == "flip":
-            feats = (feats + model(x.flip(3))) * 0.5
+        if tta == "none":
+            feats = model(x)
+        else:
+            views = [x] if tta == "flip" else _shifted_views(x)
+            feats = sum(model(v) + model(v.flip(3)) for v in views) / (2 * len(views))
         out[start : start + len(x)] = feats.numpy()
     return out
 

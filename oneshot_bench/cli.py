@@ -157,7 +157,7 @@ def encode(
     image_size: ImageSize = None, weights: Weights = "imagenet", stem: Stem = "imagenet",
     out: Annotated[Path, typer.Option(help="HDF5 cache to write (resumes a matching .partial).")] = CACHE / "features.h5",
     dtype: Annotated[str, typer.Option(help="float32 or float16 features.")] = "float32",
-    tta: Annotated[str, typer.Option(help="none, or flip: average each image's features with its mirror image's (2x the time).")] = "none",
+    tta: Annotated[str, typer.Option(help="none; flip: average each image's features with its mirror image's (2x the time); flip-shift: over 10 views, the image and 4 copies shifted by 2 px, each mirrored (10x).")] = "none",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
@@ -267,7 +267,7 @@ def run(
     precision: Annotated[str, typer.Option(help="finetune: fp32, or bf16 autocast of training steps.")] = "fp32",
     crop_scale: Annotated[float, typer.Option(help="finetune: random resized crops of at least this area fraction; 1 = padded crops.")] = 1.0,
     dtype: Annotated[str, typer.Option(help="encode: float32 or float16.")] = "float32",
-    tta: Annotated[str, typer.Option(help="encode: none, or flip (average with the mirror image's features).")] = "none",
+    tta: Annotated[str, typer.Option(help="encode: none, flip (average with the mirror image's features, 2x) or flip-shift (10 views, 10x).")] = "none",
     head: Annotated[str, typer.Option(help="train-head: siamese-l1 or siamese-mix.")] = "siamese-l1",
     pairs_per_class: Annotated[int, typer.Option(help="train-head: positive pairs per class and epoch.")] = 250,
     negatives: Annotated[str, typer.Option(help="train-head: random or hard.")] = "random",

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import SHARED_TINY
-from oneshot_bench.cache import EncodeConfig, embed_images, encode, load_cache, read_attrs
+from oneshot_bench.cache import TTA_SHIFT_PX, EncodeConfig, embed_images, encode, load_cache, read_attrs
 from oneshot_bench.cli import app
 from oneshot_bench.data import DataConfig, open_source
 from oneshot_bench.errors import OneShotBenchError
@@ -91,6 +91,25 @@ def test_flip_tta_averages_the_mirror_view_and_is_its_own_feature_space(folder_d
     assert flip.feature_space == {**plain.feature_space, "tta": "flip"} and "tta" not in plain.feature_space
     _one_line_exit_2(_cli("encode", "--dataset", f"folder:{folder_data}", "--weights", "none", "--tta", "mirror",
                           "--out", tmp_path / "m.h5", "-q"), "unknown --tta 'mirror'")
+
+
+def test_flip_shift_tta_averages_ten_views_and_is_its_own_feature_space(folder_data, tmp_path):
+    flip = load_cache(encode(_cfg(folder_data, tmp_path / "f.h5", tta="flip")))
+    shift = load_cache(encode(_cfg(folder_data, tmp_path / "s.h5", tta="flip-shift")))
+    imgs = open_source(DataConfig(dataset=f"folder:{folder_data}")).load(None, 16).images
+    trunk = build_trunk(TrunkConfig(weights="none"))
+    norm = dataset_normalization(imgs[flip.image_split == "train"])
+    # the four shifted copies made independently, in numpy, from reflect-padded uint8 images
+    p, s = TTA_SHIFT_PX, imgs.shape[1]
+    padded = np.pad(imgs, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+    views = [np.ascontiguousarray(padded[:, dy : dy + s, dx : dx + s]) for dy, dx in ((0, p), (2 * p, p), (p, 0), (p, 2 * p))]
+    by_hand = (flip.features + sum(embed_images(trunk.model, v, norm, 8, tta="flip") for v in views)) / 5
+    assert np.allclose(shift.features, by_hand, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(shift.features, flip.features, rtol=1e-3)
+    # the ten views are closed under mirroring: a mirrored data set encodes to the same features
+    mirrored = np.ascontiguousarray(imgs[:, :, ::-1])
+    assert np.allclose(embed_images(trunk.model, mirrored, norm, 8, tta="flip-shift"), shift.features, rtol=1e-5, atol=1e-6)
+    assert shift.feature_space == {**flip.feature_space, "tta": "flip-shift"}
 
 
 def _cli(*args):
