@@ -3,9 +3,10 @@
 160 seen / 40 unseen classes (--split ratio:0.8 --seed 0), --weights none --train-from all,
 once per objective (classes, pairs) with the recipe below; --ablations adds its variants:
 the first recipe (weight decay 5e-4), then on top of it mixup, bfloat16 steps spent on 38
-epochs, the same with random resized crops, weight decays 1e-3, 2e-3 and 8e-3; the recipe
-with 30 epochs, with and without early stopping; and the recipe without flip-averaged
-features (encode --tta none), with which every variant before it was measured.
+epochs, the same with random resized crops, weight decays 1e-3, 2e-3 and 8e-3; the fp32
+recipe that preceded this one (weight decay 4e-3, 24 epochs, encode --tta flip), its trunk
+without flip (how every variant before it was encoded), its 30-epoch schedule with and
+without early stopping; and the bf16 recipe's trunk with 2 views (flip) instead of 10.
 --only a,b runs just those settings and merges them into the JSON at --out.
 Each run is a full `oneshot-bench run` whose stages land in cache/runs/tiny32-<name>, so the
 README's command (`make demo-offline`) reuses the classes run. Reports 5-way 1-shot
@@ -30,28 +31,32 @@ from oneshot_bench.splits import SplitConfig
 from oneshot_bench.trunk import TrunkConfig
 
 RECIPE = dict(stem="nomaxpool", train_from="all", lr=0.1, batch_size=128, label_smoothing=0.0, augment=True,
-              precision="fp32", crop_scale=1.0, patience=5, weight_decay=4e-3, tta="flip")
-NO_TTA = {"tta": "none"}  # how every setting before classes-noflip was encoded
+              precision="bf16", crop_scale=1.0, patience=None, weight_decay=4e-3, tta="flip-shift")
+# how the settings before the bf16 recipe were trained (fp32, early stopping on) and encoded
+FP32 = {"precision": "fp32", "patience": 5, "tta": "flip"}
+NO_TTA = {**FP32, "tta": "none"}  # how every setting before classes-noflip was encoded
 # name -> (objective, epochs, changes to RECIPE); the ablations run with --ablations.
 # patience None: no early stopping (the best epoch is still kept).
-SETTINGS = {"classes": ("classes", 24, {}),
+SETTINGS = {"classes": ("classes", 25, {}),
             "pairs": ("pairs", 15, {"weight_decay": 5e-4, **NO_TTA})}  # pairs: measured with the first recipe
 ABLATIONS = {
     # measured against the first recipe, weight decay 5e-4
     "classes-wd5e-4": ("classes", 24, {"weight_decay": 5e-4, **NO_TTA}),
     "classes-mixup": ("classes", 24, {"weight_decay": 5e-4, "mixup": 0.4, **NO_TTA}),
     # bf16's speed spent on epochs
-    "classes-bf16-38": ("classes", 38, {"weight_decay": 5e-4, "precision": "bf16", "patience": None, **NO_TTA}),
+    "classes-bf16-38": ("classes", 38, {"weight_decay": 5e-4, **NO_TTA, "precision": "bf16", "patience": None}),
     # + resized crops
-    "classes-bf16-38-rrc": ("classes", 38, {"weight_decay": 5e-4, "precision": "bf16", "patience": None, "crop_scale": 0.35,
-                                            **NO_TTA}),
+    "classes-bf16-38-rrc": ("classes", 38, {"weight_decay": 5e-4, **NO_TTA, "precision": "bf16", "patience": None,
+                                            "crop_scale": 0.35}),
     "classes-wd1e-3": ("classes", 24, {"weight_decay": 1e-3, **NO_TTA}),  # twice the first recipe's
     "classes-wd2e-3": ("classes", 24, {"weight_decay": 2e-3, **NO_TTA}),  # four times (the recipe: eight times)
     "classes-wd8e-3": ("classes", 24, {"weight_decay": 8e-3, **NO_TTA}),  # sixteen times
-    "classes-30": ("classes", 30, NO_TTA),  # the recipe on a 30-epoch schedule, early stopping (patience 5) on
-    "classes-30-nopat": ("classes", 30, {"patience": None, **NO_TTA}),  # the same, early stopping off (best epoch kept)
-    "classes-noflip": ("classes", 24, NO_TTA),  # the recipe, features of the image alone
-    "classes-30-nopat-flip": ("classes", 30, {"patience": None}),  # classes-30-nopat's trunk, flip-averaged features
+    "classes-30": ("classes", 30, NO_TTA),  # the fp32 recipe on a 30-epoch schedule, early stopping (patience 5) on
+    "classes-30-nopat": ("classes", 30, {**NO_TTA, "patience": None}),  # the same, early stopping off (best epoch kept)
+    "classes-fp32-24": ("classes", 24, FP32),  # the recipe before bf16: fp32, 24 epochs, flip-averaged features
+    "classes-noflip": ("classes", 24, NO_TTA),  # classes-fp32-24's trunk, features of the image alone
+    "classes-30-nopat-flip": ("classes", 30, {**FP32, "patience": None}),  # classes-30-nopat's trunk, flip-averaged
+    "classes-flip": ("classes", 25, {"tta": "flip"}),  # the recipe's trunk, features averaged over 2 views instead of 10
 }
 REFERENCE_PLAIN_CE = {"five_way_one_shot": 0.405, "five_way_five_shot": 0.566, "source": "issue #3, 20 epochs, measured by the issue author"}
 
