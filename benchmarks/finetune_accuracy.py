@@ -6,7 +6,9 @@ the first recipe (weight decay 5e-4), then on top of it mixup, bfloat16 steps sp
 epochs, the same with random resized crops, weight decays 1e-3, 2e-3 and 8e-3; the fp32
 recipe that preceded this one (weight decay 4e-3, 24 epochs, encode --tta flip), its trunk
 without flip (how every variant before it was encoded), its 30-epoch schedule with and
-without early stopping; and the bf16 recipe's trunk with 2 views (flip) instead of 10.
+without early stopping; the bf16 recipe's trunk with 2 views (flip) instead of 10; and the
+recipe trained again with training seed 1 (another initialisation, batch order and
+augmentation; the same split and episodes).
 --only a,b runs just those settings and merges them into the JSON at --out.
 Each run is a full `oneshot-bench run` whose stages land in cache/runs/tiny32-<name>, so the
 README's command (`make demo-offline`) reuses the classes run. Reports 5-way 1-shot
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from _common import ROOT, fail, parse, require_data, subset_folder, write
@@ -31,7 +34,7 @@ from oneshot_bench.splits import SplitConfig
 from oneshot_bench.trunk import TrunkConfig
 
 RECIPE = dict(stem="nomaxpool", train_from="all", lr=0.1, batch_size=128, label_smoothing=0.0, augment=True,
-              precision="bf16", crop_scale=1.0, patience=None, weight_decay=4e-3, tta="flip-shift")
+              precision="bf16", crop_scale=1.0, patience=None, weight_decay=4e-3, tta="flip-shift", training_seed=0)
 # how the settings before the bf16 recipe were trained (fp32, early stopping on) and encoded
 FP32 = {"precision": "fp32", "patience": 5, "tta": "flip"}
 NO_TTA = {**FP32, "tta": "none"}  # how every setting before classes-noflip was encoded
@@ -57,7 +60,12 @@ ABLATIONS = {
     "classes-noflip": ("classes", 24, NO_TTA),  # classes-fp32-24's trunk, features of the image alone
     "classes-30-nopat-flip": ("classes", 30, {**FP32, "patience": None}),  # classes-30-nopat's trunk, flip-averaged
     "classes-flip": ("classes", 25, {"tta": "flip"}),  # the recipe's trunk, features averaged over 2 views instead of 10
+    # the recipe trained again with another initialisation, batch order and augmentation (same split, same episodes)
+    "classes-seed1": ("classes", 25, {"training_seed": 1}),
 }
+# 5-way 1-shot is also scored on this many times the episodes (the README run's 10,000, whose
+# first 2,000 are the issue's): a figure near the target needs the narrower CI
+MORE_EPISODES = 5
 REFERENCE_PLAIN_CE = {"five_way_one_shot": 0.405, "five_way_five_shot": 0.566, "source": "issue #3, 20 epochs, measured by the issue author"}
 
 
@@ -68,7 +76,7 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
     cfg = RunConfig(
         data=DataConfig(dataset=f"folder:{data}", image_size=32),
         split=SplitConfig("ratio:0.8", seed=0),
-        trunk=TrunkConfig(weights="none", stem=recipe["stem"], init_seed=0),
+        trunk=TrunkConfig(weights="none", stem=recipe["stem"], init_seed=recipe.get("training_seed", 0)),
         out_dir=out_dir,
         do_finetune=not weights_none_only,
         tta=recipe["tta"],
@@ -76,11 +84,13 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
                                 lr=recipe["lr"], weight_decay=recipe["weight_decay"], batch_size=recipe["batch_size"],
                                 label_smoothing=recipe["label_smoothing"],
                                 augment=recipe["augment"], mixup=recipe.get("mixup", 0.0), precision=recipe["precision"],
-                                crop_scale=recipe["crop_scale"], seed=0),
+                                crop_scale=recipe["crop_scale"], seed=recipe.get("training_seed", 0)),
         head=HeadConfig(seed=0),
         n_way=(5,), n_shot=(1, 5), n_query=15, n_episodes=n_episodes, scorers=("cosine",), quiet=True,
     )
     report = run_pipeline(cfg)
+    # the same stages (reused); only the episodes run
+    more = run_pipeline(replace(cfg, n_shot=(1,), n_episodes=MORE_EPISODES * n_episodes))["results"][0]["results"][0]
     acc = {}
     for block in report["results"]:
         r = block["results"][0]
@@ -89,6 +99,7 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
     return {
         "five_way_one_shot": acc["5w1s"],
         "five_way_five_shot": acc["5w5s"],
+        "five_way_one_shot_more_episodes": {"accuracy": more["accuracy"], "ci95": more["ci95"], "n_episodes": more["n_episodes"]},
         "train_wall_s": ft.get("train_wall_s"),
         "recipe": recipe,
         "epochs": epochs,
@@ -96,6 +107,11 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
         "best_epoch": ft.get("best_epoch"),
         "run_dir": str(out_dir),
     }
+
+
+def _quick(changes: dict) -> dict:
+    """--quick encodes 2 views (flip) where a setting encodes 10 (flip-shift): a fifth of the encode time."""
+    return {**changes, "tta": "flip"} if {**RECIPE, **changes}["tta"] == "flip-shift" else changes
 
 
 def main() -> None:
@@ -109,10 +125,10 @@ def main() -> None:
     ablation, only = args.ablations, (args.only.split(",") if args.only else None)
     require_data(args.data)
     data, n_episodes, tag = args.data, 2000, "tiny32"
-    if args.quick:  # same settings, one epoch each
+    if args.quick:  # same settings, one epoch each, 30 classes, and 2 views where a setting encodes 10
         data = subset_folder(args.data, 30, Path(tempfile.mkdtemp()) / "tiny30")
         n_episodes, tag = 300, "tiny32-quick"
-    known = {k: (o, 1 if args.quick else e, c) for k, (o, e, c) in {**SETTINGS, **ABLATIONS}.items()}
+    known = {k: (o, 1 if args.quick else e, _quick(c) if args.quick else c) for k, (o, e, c) in {**SETTINGS, **ABLATIONS}.items()}
     settings = {k: v for k, v in known.items() if k in SETTINGS or ablation}
     previous = {}
     if only is not None:
@@ -126,7 +142,8 @@ def main() -> None:
                 fail(f"{args.out} holds a {'quick' if old.get('quick') else 'full'} run; --only merges only into the same kind")
             previous = old.get("objectives", {})
     runs = ROOT / "cache" / "runs"
-    random_weights = run("classes", data, runs / f"{tag}-random", 1, n_episodes, weights_none_only=True)
+    random_weights = run("classes", data, runs / f"{tag}-random", 1, n_episodes, weights_none_only=True,
+                         changes=_quick({}) if args.quick else None)
     results = {name: run(obj, data, runs / f"{tag}-{name}", epochs, n_episodes, changes=changes)
                for name, (obj, epochs, changes) in settings.items()}
     results = {**previous, **results}
@@ -144,7 +161,10 @@ def main() -> None:
         "reference": {"random_weights": random_weights["five_way_one_shot"]["accuracy"], "plain_ce_issue": REFERENCE_PLAIN_CE},
         "ratio_vs_random_weights": None if best is None else best / random_weights["five_way_one_shot"]["accuracy"],
         "target": {"five_way_one_shot": 0.5, "train_wall_s_max": 1800},
+        # on the issue's protocol (n_episodes); and the same on MORE_EPISODES times the episodes
         "meets_target": best is not None and bool(best >= 0.5 and (results["classes"]["train_wall_s"] or 0) <= 1800),
+        "meets_target_more_episodes": None if best is None or "five_way_one_shot_more_episodes" not in results["classes"] else bool(
+            results["classes"]["five_way_one_shot_more_episodes"]["accuracy"] >= 0.5 and results["classes"]["train_wall_s"] <= 1800),
         "random_weights": random_weights,
         "objectives": results,
     })

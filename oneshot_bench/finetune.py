@@ -298,8 +298,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     t_start = time.perf_counter()
     trunk = build_trunk(cfg.trunk)
     prepared = prepare_data(cfg.data, cfg.split, trunk, roles_to_load=("seen", "val"))
-    side = layer4_input_side(trunk.model.stem_kind, prepared.image_size)
-    if cfg.precision == "bf16" and side < 2:
+    if cfg.precision == "bf16" and layer4_input_side(trunk.model.stem_kind, prepared.image_size) < 2:
         # with torch 2.14 the bfloat16 CPU weight gradient of layer4's stride-2 3x3 convolution on a
         # 1x1 input differed between identical runs, by up to 4e15; at 2x2 and 4x4 it was reproducible
         raise OneShotBenchError(
