@@ -66,6 +66,7 @@ ABLATIONS = {
 # 5-way 1-shot is also scored on this many times the episodes (the README run's 10,000, whose
 # first 2,000 are the issue's): a figure near the target needs the narrower CI
 MORE_EPISODES = 5
+TARGET = {"five_way_one_shot": 0.5, "train_wall_s_max": 1800}  # issue #3's
 REFERENCE_PLAIN_CE = {"five_way_one_shot": 0.405, "five_way_five_shot": 0.566, "source": "issue #3, 20 epochs, measured by the issue author"}
 
 
@@ -109,6 +110,10 @@ def run(objective: str, data: Path, out_dir: Path, epochs: int, n_episodes: int,
     }
 
 
+def _meets_target(accuracy: float, train_wall_s: float | None) -> bool:
+    return bool(accuracy >= TARGET["five_way_one_shot"] and (train_wall_s or 0) <= TARGET["train_wall_s_max"])
+
+
 def _quick(changes: dict) -> dict:
     """--quick encodes 2 views (flip) where a setting encodes 10 (flip-shift): a fifth of the encode time."""
     return {**changes, "tta": "flip"} if {**RECIPE, **changes}["tta"] == "flip-shift" else changes
@@ -148,7 +153,8 @@ def main() -> None:
                for name, (obj, epochs, changes) in settings.items()}
     results = {**previous, **results}
     # None until the recipe itself has run (an --only run of variants into a new file)
-    best = results["classes"]["five_way_one_shot"]["accuracy"] if "classes" in results else None
+    recipe_run = results.get("classes", {})
+    best = recipe_run["five_way_one_shot"]["accuracy"] if recipe_run else None
     write(args.out, {
         "benchmark": "finetune_accuracy",
         "quick": args.quick,
@@ -160,11 +166,11 @@ def main() -> None:
         "value": best,
         "reference": {"random_weights": random_weights["five_way_one_shot"]["accuracy"], "plain_ce_issue": REFERENCE_PLAIN_CE},
         "ratio_vs_random_weights": None if best is None else best / random_weights["five_way_one_shot"]["accuracy"],
-        "target": {"five_way_one_shot": 0.5, "train_wall_s_max": 1800},
+        "target": TARGET,
         # on the issue's protocol (n_episodes); and the same on MORE_EPISODES times the episodes
-        "meets_target": best is not None and bool(best >= 0.5 and (results["classes"]["train_wall_s"] or 0) <= 1800),
-        "meets_target_more_episodes": None if best is None or "five_way_one_shot_more_episodes" not in results["classes"] else bool(
-            results["classes"]["five_way_one_shot_more_episodes"]["accuracy"] >= 0.5 and results["classes"]["train_wall_s"] <= 1800),
+        "meets_target": best is not None and _meets_target(best, recipe_run["train_wall_s"]),
+        "meets_target_more_episodes": None if best is None or "five_way_one_shot_more_episodes" not in recipe_run else
+        _meets_target(recipe_run["five_way_one_shot_more_episodes"]["accuracy"], recipe_run["train_wall_s"]),
         "random_weights": random_weights,
         "objectives": results,
     })

@@ -4,7 +4,8 @@ Schema (version 1), one file per (data set, split, trunk, image size):
 
   datasets
     features     (n, d) float32 or float16   pooled layer4 output, one row per image (with
-                                              tta "flip": the mean of the image's and its mirror's)
+                                              tta "flip": the mean of the image's and its mirror's;
+                                              "flip-shift": the mean over 10 views, embed_images)
     labels       (n,)   int32                index into class_names
     class_names  (C,)   str
     class_roles  (C,)   str                  seen | val | unseen | unused
