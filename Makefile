@@ -24,7 +24,7 @@ demo: $(BIN)/oneshot-bench
 # 2-core AVX512-BF16 machine here, most of it training the trunk; longer on CPUs without bf16).
 demo-offline: $(BIN)/oneshot-bench
 	$(BIN)/oneshot-bench run --dataset folder:$(TINY) --image-size 32 --weights none --stem nomaxpool \
-		--train-from all --objective classes --epochs 25 --patience 25 --lr 0.1 --weight-decay 4e-3 \
+		--train-from all --objective classes --epochs 40 --patience 40 --lr 0.1 --weight-decay 4e-3 \
 		--precision bf16 --augment --tta flip-shift --split ratio:0.8 --seed 0 \
 		--n-way 5,10,20 --n-shot 1,5 --seed-protocol --out-dir cache/runs/tiny32-classes
 

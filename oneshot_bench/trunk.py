@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oneshot_bench.errors import OneShotBenchError
@@ -57,6 +58,35 @@ class Normalization:
 IMAGENET_NORM = Normalization("imagenet", IMAGENET_MEAN, IMAGENET_STD)
 
 
+# Convolutions whose output has at most this many positions run as one matrix product (GemmConv2d).
+GEMM_MAX_POSITIONS = 4
+
+
+class GemmConv2d(nn.Conv2d):
+    """nn.Conv2d that computes small outputs (at most GEMM_MAX_POSITIONS positions) as one
+    matrix product over shifted copies of the input; same parameters and state_dict.
+
+    At 32 px with the nomaxpool stem, layer4 works on 2x2 maps, where torch 2.14's oneDNN
+    convolution kernels took 3-5x longer forward and backward than this product (bf16 and
+    fp32, 2-core CPUs here); at 4x4 and above they were as fast or faster, so those keep them.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        if isinstance(self.padding, str) or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros":
+            return super().forward(x)
+        ph, pw = self.padding
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if oh * ow > GEMM_MAX_POSITIONS:
+            return super().forward(x)
+        rows = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (n, h, w, c): channel-minor, as the weight below
+        taps = [rows[:, u : u + sh * (oh - 1) + 1 : sh, v : v + sw * (ow - 1) + 1 : sw] for u in range(kh) for v in range(kw)]
+        cols = torch.stack(taps, 3).reshape(n * oh * ow, kh * kw * c)
+        out = F.linear(cols, self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.bias)
+        return out.reshape(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)  # NCHW, channels_last in memory
+
+
 class Trunk(nn.Module):
     """ResNet-18 without its classifier. forward: (n, 3, s, s) float -> (n, 512) float32."""
 
@@ -71,6 +101,10 @@ class Trunk(nn.Module):
         self.conv1, self.bn1, self.relu = net.conv1, net.bn1, net.relu
         self.maxpool = net.maxpool if stem == "imagenet" else nn.Identity()
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        for module in self.modules():
+            if type(module) is nn.Conv2d:
+                # a class swap, not new modules: the seeded random init stays exactly torchvision's
+                module.__class__ = GemmConv2d
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """(name, module) in forward order; the first one is the stem (conv1, bn1, pool)."""

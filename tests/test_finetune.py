@@ -14,7 +14,7 @@ from oneshot_bench.finetune import FinetuneConfig, StemCache, Trainer, finetune,
 from oneshot_bench.head import PairHead
 from oneshot_bench.provenance import TRUNK_KIND, load_checkpoint
 from oneshot_bench.splits import SplitConfig
-from oneshot_bench.trunk import Trunk, TrunkConfig, build_trunk, dataset_normalization, layer4_input_side
+from oneshot_bench.trunk import GemmConv2d, Trunk, TrunkConfig, build_trunk, dataset_normalization, layer4_input_side
 
 runner = CliRunner()
 
@@ -166,6 +166,44 @@ def test_layer4_input_side_matches_the_network():
         for size in (8, 9, 16, 17, 32, 33, 64):
             x = model.forward_until(torch.zeros(1, 3, size, size), "layer4")
             assert x.shape[-1] == x.shape[-2] == layer4_input_side(stem, size), (stem, size)
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,pad,side,bias", [
+    (8, 6, 3, 1, 1, 2, False),  # layer4's 3x3 at 32 px with the nomaxpool stem: 2x2 in, 2x2 out
+    (8, 6, 3, 2, 1, 4, True),  # its first, strided conv: 4x4 in, 2x2 out
+    (8, 6, 3, 1, 1, 1, False),  # 1x1 maps (ImageNet stem at 16 px)
+    (8, 6, 1, 2, 0, 3, False),  # the 1x1 downsample, odd side
+    (5, 4, 3, 1, 1, 5, False),  # 25 output positions: falls back to the convolution kernel
+])
+def test_gemm_conv_equals_conv2d_with_gradients(c_in, c_out, k, stride, pad, side, bias):
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, k, stride, pad, bias=bias).double()
+    gemm = GemmConv2d(c_in, c_out, k, stride, pad, bias=bias).double()
+    gemm.load_state_dict(conv.state_dict())
+    x = torch.randn(3, c_in, side, side, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for module in (conv, gemm):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        grads.append((y.detach(), xi.grad, *(p.grad for p in module.parameters())))
+        module.zero_grad()
+    for a, b in zip(*grads):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_trunk_with_gemm_convs_equals_torchvision_resnet18():
+    from torchvision.models import resnet18
+
+    for stem, size in (("nomaxpool", 32), ("imagenet", 16), ("imagenet", 64)):
+        model = Trunk(stem).double().eval()
+        assert sum(isinstance(m, GemmConv2d) for m in model.modules()) == 20  # every convolution of ResNet-18
+        ref = resnet18(weights=None).double().eval()
+        ref.load_state_dict({**model.state_dict(), **{f"fc.{k}": v for k, v in ref.fc.state_dict().items()}})
+        ref.fc, ref.maxpool = torch.nn.Identity(), ref.maxpool if stem == "imagenet" else torch.nn.Identity()
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        with torch.no_grad():
+            assert torch.allclose(model(x), ref(x), rtol=1e-10, atol=1e-12), (stem, size)
 
 
 def test_bf16_training_tracks_fp32_and_keeps_float32_weights(tmp_path):
