@@ -89,7 +89,7 @@ def test_report_redraws_from_json_and_info_reads_it(tmp_path):
 
 
 def test_run_offline_error_says_how_to_run_locally(tmp_path):
-    r = runner.invoke(app, ["run", "--data-root", str(tmp_path / "none"), "-q"])
+    r = runner.invoke(app, ["run", "--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path / "run"), "-q"])
     assert r.exit_code == 2
     first = r.output.strip().splitlines()[0]
     assert "--download" in first and "folder:PATH" in first
