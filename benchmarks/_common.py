@@ -84,12 +84,19 @@ def write(out: Path, payload: dict) -> None:
 
 def best_of(fn, repeats: int) -> float:
     """Minimum wall time of `repeats` calls: the least noisy estimate on a shared machine."""
-    times = []
+    return best_of_interleaved({"fn": fn}, repeats)["fn"]
+
+
+def best_of_interleaved(fns: dict, repeats: int) -> dict:
+    """Minimum wall time of each of `fns` over `repeats` rounds, each round calling every one
+    once: a slow spell of the machine then touches both sides of a ratio, not one."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 RUN_DIR = ROOT / "cache" / "runs" / "tiny32-classes"

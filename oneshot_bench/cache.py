@@ -230,7 +230,7 @@ def encode(cfg: EncodeConfig, on_chunk: Callable[[int], None] | None = None) -> 
         log.info("resuming %s at image %d of %d", partial, n_done, n)
     chunk = max(cfg.batch_size, (cfg.chunk_size // cfg.batch_size) * cfg.batch_size)
     t1 = time.perf_counter()
-    model = fused_for_inference(trunk.model)
+    model = fused_for_inference(trunk.model, in_place=True)  # trunk.model is not used again
     with Progress("encode", total=n, quiet=cfg.quiet, unit="img") as bar:
         bar.advance(n_done)
         for start in range(n_done, n, chunk):

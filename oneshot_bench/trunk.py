@@ -62,6 +62,13 @@ IMAGENET_NORM = Normalization("imagenet", IMAGENET_MEAN, IMAGENET_STD)
 GEMM_MAX_POSITIONS = 4
 
 
+def _live_taps(k: int, size: int, out_size: int, stride: int, pad: int) -> range:
+    """Kernel offsets along one axis that read at least one real (not padding) input position;
+    the range from the first to the last, so it may include a dead one in between."""
+    live = [u for u in range(k) if any(0 <= a * stride + u - pad < size for a in range(out_size))]
+    return range(live[0], live[-1] + 1)
+
+
 class GemmConv2d(nn.Conv2d):
     """nn.Conv2d that computes small outputs (at most GEMM_MAX_POSITIONS positions) as one
     matrix product over shifted copies of the input; same parameters and state_dict.
@@ -80,10 +87,14 @@ class GemmConv2d(nn.Conv2d):
         oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         if oh * ow > GEMM_MAX_POSITIONS:
             return super().forward(x)
+        # kernel rows/columns that read only padding for every output position are skipped: on a
+        # 1x1 map a 3x3 kernel would otherwise multiply eight taps of zeros for its one real tap
+        us, vs = _live_taps(kh, h, oh, sh, ph), _live_taps(kw, w, ow, sw, pw)
         rows = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (n, h, w, c): channel-minor, as the weight below
-        taps = [rows[:, u : u + sh * (oh - 1) + 1 : sh, v : v + sw * (ow - 1) + 1 : sw] for u in range(kh) for v in range(kw)]
-        cols = torch.stack(taps, 3).reshape(n * oh * ow, kh * kw * c)
-        out = F.linear(cols, self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.bias)
+        taps = [rows[:, u : u + sh * (oh - 1) + 1 : sh, v : v + sw * (ow - 1) + 1 : sw] for u in us for v in vs]
+        cols = torch.stack(taps, 3).reshape(n * oh * ow, len(us) * len(vs) * c)
+        weight = self.weight[:, :, us.start : us.stop, vs.start : vs.stop]
+        out = F.linear(cols, weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1), self.bias)
         return out.reshape(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)  # NCHW, channels_last in memory
 
 
@@ -139,8 +150,10 @@ def layer4_input_side(stem: str, image_size: int) -> int:
     return -(-image_size // 2**halvings)
 
 
-def fused_for_inference(model: Trunk) -> Trunk:
-    """An eval-mode copy with every BatchNorm folded into the convolution before it.
+def fused_for_inference(model: Trunk, in_place: bool = False) -> Trunk:
+    """An eval-mode copy with every BatchNorm folded into the convolution before it;
+    in_place=True folds `model` itself, for a caller that has no further use for it (the copy
+    took 0.14 s, a tenth of encoding 10,000 images at 32 px).
 
     Same function up to float rounding (~1e-6), and a quarter faster on CPU, where eval-mode
     BatchNorm is a separate pass over every activation."""
@@ -148,7 +161,7 @@ def fused_for_inference(model: Trunk) -> Trunk:
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    fused = copy.deepcopy(model).eval()
+    fused = (model if in_place else copy.deepcopy(model)).eval()
     fused.conv1 = fuse_conv_bn_eval(fused.conv1, fused.bn1)
     fused.bn1 = nn.Identity()
     for name in LAYERS:

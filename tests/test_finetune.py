@@ -171,7 +171,9 @@ def test_layer4_input_side_matches_the_network():
 @pytest.mark.parametrize("c_in,c_out,k,stride,pad,side,bias", [
     (8, 6, 3, 1, 1, 2, False),  # layer4's 3x3 at 32 px with the nomaxpool stem: 2x2 in, 2x2 out
     (8, 6, 3, 2, 1, 4, True),  # its first, strided conv: 4x4 in, 2x2 out
-    (8, 6, 3, 1, 1, 1, False),  # 1x1 maps (ImageNet stem at 16 px)
+    (8, 6, 3, 1, 1, 1, False),  # 1x1 maps (ImageNet stem at 32 px): only the centre tap reads the image
+    (8, 6, 3, 2, 1, 1, True),  # strided on a 1x1 map
+    (8, 6, 3, 2, 1, 2, False),  # 2x2 in, 1x1 out: the kernel's first row and column read only padding
     (8, 6, 1, 2, 0, 3, False),  # the 1x1 downsample, odd side
     (5, 4, 3, 1, 1, 5, False),  # 25 output positions: falls back to the convolution kernel
 ])
@@ -212,14 +214,19 @@ def test_bf16_training_tracks_fp32_and_keeps_float32_weights(tmp_path):
     # 2.14's bfloat16 CPU weight gradient of a stride-2 3x3 conv returns garbage on some identical runs.
     cfg = dict(split=SplitConfig("ratio:1", val_fraction=0.25), train_from="all", epochs=4, lr=0.05, augment=False,
                pairs_per_class=40, trunk=TrunkConfig(weights="none", stem="nomaxpool"))
-    m32, _ = load_checkpoint(finetune(_cfg(root, tmp_path / "a.pt", **cfg)), TRUNK_KIND)
     m16, t16 = load_checkpoint(finetune(_cfg(root, tmp_path / "b.pt", precision="bf16", **cfg)), TRUNK_KIND)
     again, _ = load_checkpoint(finetune(_cfg(root, tmp_path / "c.pt", precision="bf16", **cfg)), TRUNK_KIND)
     assert again["trunk_sha256"] == m16["trunk_sha256"]  # bf16 steps are deterministic too
-    h32, h16 = m32["history"], m16["history"]
-    # same batches, same initialisation: the first epoch's mean loss agrees within 5%
-    assert abs(h16[0]["train_loss"] - h32[0]["train_loss"]) < 0.05 * h32[0]["train_loss"]
+    h16 = m16["history"]
     assert h16[-1]["train_loss"] < h16[0]["train_loss"] and max(r["val_accuracy"] for r in h16) > 0.8
+    # same batches, same initialisation: at a small learning rate the first epoch's mean loss
+    # agrees within 2% (0.7% when written). At 0.05 the steps' rounding differences grow
+    # chaotically and the two means were up to 5.6% apart.
+    slow = {**cfg, "epochs": 1, "lr": 0.005}
+    s32, _ = load_checkpoint(finetune(_cfg(root, tmp_path / "s32.pt", **slow)), TRUNK_KIND)
+    s16, _ = load_checkpoint(finetune(_cfg(root, tmp_path / "s16.pt", precision="bf16", **slow)), TRUNK_KIND)
+    l32, l16 = s32["history"][0]["train_loss"], s16["history"][0]["train_loss"]
+    assert l32 != l16 and abs(l16 - l32) < 0.02 * l32
     assert all(v.dtype in (torch.float32, torch.int64) for v in t16["trunk"].values())
     assert m16["config"]["precision"] == "bf16"
 
