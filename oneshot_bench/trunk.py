@@ -75,7 +75,8 @@ class GemmConv2d(nn.Conv2d):
 
     At 32 px with the nomaxpool stem, layer4 works on 2x2 maps, where torch 2.14's oneDNN
     convolution kernels took 3-5x longer forward and backward than this product (bf16 and
-    fp32, 2-core CPUs here); at 4x4 and above they were as fast or faster, so those keep them.
+    fp32, on the 2-core Xeon here, a development timing); at 4x4 and above they were as fast
+    or faster, so those keep them.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
