@@ -20,8 +20,8 @@ demo: $(BIN)/oneshot-bench
 	$(BIN)/oneshot-bench run --dataset cifar100 --download --weights imagenet --split ratio:0.8 \
 		--n-way 5,10,20 --n-shot 1,5 --seed-protocol --name cifar100-imagenet
 
-# The offline main job on the local Tiny-ImageNet stand-in at 32x32 (about 40 min on the
-# 2-core AVX512-BF16 machine here, most of it training the trunk; longer on CPUs without bf16).
+# The offline main job on the local Tiny-ImageNet stand-in at 32x32 (about 28 min on the
+# 2-core Xeon with AMX here, 22 of them training the trunk; longer on CPUs without bf16).
 demo-offline: $(BIN)/oneshot-bench
 	$(BIN)/oneshot-bench run --dataset folder:$(TINY) --image-size 32 --weights none --stem nomaxpool \
 		--train-from all --objective classes --epochs 40 --patience 40 --lr 0.1 --weight-decay 4e-3 \
