@@ -82,14 +82,10 @@ def write(out: Path, payload: dict) -> None:
     print(f"wrote {out}")
 
 
-def best_of(fn, repeats: int) -> float:
-    """Minimum wall time of `repeats` calls: the least noisy estimate on a shared machine."""
-    return best_of_interleaved({"fn": fn}, repeats)["fn"]
-
-
 def best_of_interleaved(fns: dict, repeats: int) -> dict:
     """Minimum wall time of each of `fns` over `repeats` rounds, each round calling every one
-    once: a slow spell of the machine then touches both sides of a ratio, not one."""
+    once: the minimum is the least noisy estimate on a shared machine, and a slow spell of the
+    machine touches both sides of a ratio, not one."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
